@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to a temp file in the same directory, fsyncs it, then renames it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync, then ``os.replace`` it.
+
+    The temp file lives in the same directory so the rename stays on one
+    filesystem and is atomic; on any error the temp file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            os.unlink(tmp)
         raise
+    return path

@@ -1,0 +1,184 @@
+"""Writing evaluation results: results.json, results.csv and a Markdown report.
+
+A result row is a dict with at least the keys in :data:`REQUIRED_KEYS`:
+``feature``, ``scorer``, ``protocol``, ``mean_auroc``, ``std_auroc``,
+``mean_aupr``, ``per_round`` (round name -> AUROC), ``fit_seconds``,
+``score_seconds`` and ``warnings`` (list of str). Every file is written
+atomically so an interrupted run never leaves a truncated result behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ssl_ad
+from ssl_ad.atomic import atomic_write_text
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "SCHEMA_VERSION",
+    "atomic_write_text",
+    "write_results_json",
+    "write_results_csv",
+    "markdown_table",
+    "write_report_md",
+]
+
+SCHEMA_VERSION = 1
+
+REQUIRED_KEYS: tuple[str, ...] = (
+    "feature",
+    "scorer",
+    "protocol",
+    "mean_auroc",
+    "std_auroc",
+    "mean_aupr",
+    "per_round",
+    "fit_seconds",
+    "score_seconds",
+    "warnings",
+)
+
+Row = Mapping[str, Any]
+
+
+def _check_rows(rows: Sequence[Row]) -> None:
+    for i, row in enumerate(rows):
+        missing = [k for k in REQUIRED_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"result row {i} is missing keys: {', '.join(missing)}.")
+
+
+def _to_json(obj: Any) -> Any:
+    """json.dumps fallback for numpy scalars/arrays and paths."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable.")
+
+
+def write_results_json(path: str | Path, rows: Sequence[Row], meta: Mapping[str, Any]) -> Path:
+    """Write ``{"schema_version", "meta", "rows"}``; meta gains ``ssl_ad_version`` if absent.
+
+    ``meta`` should hold the config, checkpoint paths/steps and the seed.
+    """
+    _check_rows(rows)
+    meta = {"ssl_ad_version": ssl_ad.__version__, **meta}
+    payload = {"schema_version": SCHEMA_VERSION, "meta": meta, "rows": list(rows)}
+    text = json.dumps(payload, indent=2, default=_to_json) + "\n"
+    return atomic_write_text(path, text)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return "; ".join(str(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_results_csv(path: str | Path, rows: Sequence[Row]) -> Path:
+    """One line per row; ``per_round`` is flattened into ``auroc_<round>`` columns.
+
+    Columns: the required scalar keys, then any extra scalar keys, then the
+    union of round columns in first-seen order (empty where a row lacks one).
+    ``warnings`` is joined with "; ".
+    """
+    _check_rows(rows)
+    base = [k for k in REQUIRED_KEYS if k != "per_round"]
+    extra = list(
+        dict.fromkeys(
+            k for row in rows for k, v in row.items() if k not in REQUIRED_KEYS and not isinstance(v, Mapping)
+        )
+    )
+    rounds = list(dict.fromkeys(f"auroc_{r}" for row in rows for r in row["per_round"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=base + extra + rounds, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        line = {k: _csv_cell(row[k]) for k in base + extra if k in row}
+        line.update({f"auroc_{r}": _csv_cell(v) for r, v in row["per_round"].items()})
+        writer.writerow(line)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """Mean ± std AUROC tables: one per protocol, feature sources × scorers.
+
+    Missing combinations show "–"; a duplicated (protocol, feature, scorer)
+    raises ValueError since it would hide one of the results.
+    """
+    _check_rows(rows)
+    out: list[str] = []
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        sub = [r for r in rows if r["protocol"] == protocol]
+        features = list(dict.fromkeys(r["feature"] for r in sub))
+        scorers = list(dict.fromkeys(r["scorer"] for r in sub))
+        cells: dict[tuple[str, str], str] = {}
+        for r in sub:
+            key = (r["feature"], r["scorer"])
+            if key in cells:
+                raise ValueError(f"duplicate result for protocol={protocol!r}, feature/scorer={key}.")
+            cells[key] = f"{float(r['mean_auroc']):.3f} ± {float(r['std_auroc']):.3f}"
+        out.append(f"### Protocol: {protocol}\n")
+        out.append("| feature | " + " | ".join(scorers) + " |")
+        out.append("|---|" + "---|" * len(scorers))
+        for f in features:
+            out.append(f"| {f} | " + " | ".join(cells.get((f, s), "–") for s in scorers) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report_md(
+    path: str | Path,
+    rows: Sequence[Row],
+    meta: Mapping[str, Any],
+    plot_paths: Sequence[str],
+    command: str,
+) -> Path:
+    """Write report.md: results tables, reproduce command, warnings, metadata and plots.
+
+    ``plot_paths`` should be relative to the report's folder so the report
+    renders wherever the run directory is moved.
+    """
+    meta = {"ssl_ad_version": ssl_ad.__version__, **meta}
+    lines = [
+        "# Anomaly-detection evaluation",
+        "",
+        "Mean ± population std of AUROC over protocol rounds (higher is better).",
+        "",
+        markdown_table(rows),
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+    ]
+    notes = [(r["feature"], r["scorer"], r["protocol"], w) for r in rows for w in r["warnings"]]
+    if notes:
+        lines += ["## Warnings", ""]
+        lines += [f"- `{f}` / `{s}` / `{p}`: {w}" for f, s, p, w in notes]
+        lines.append("")
+    lines += [
+        "## Metadata",
+        "",
+        "```json",
+        json.dumps(meta, indent=2, default=_to_json),
+        "```",
+        "",
+    ]
+    if plot_paths:
+        lines += ["## Plots", ""]
+        lines += [f"![{Path(p).stem}]({p})\n" for p in plot_paths]
+    return atomic_write_text(path, "\n".join(lines))
