@@ -74,3 +74,44 @@ def mae_block() -> ml_collections.ConfigDict:
     m.decoder_depth = 2
     m.decoder_heads = 4
     return m
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """Defaults of every evaluation config (see configs/eval_mnist5k.py)."""
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""  # comma-separated training workdirs; each becomes a feature source
+    c.step = -1  # checkpoint step (-1 = latest)
+    c.which = "teacher"  # DINO encoder to embed with: 'teacher' or 'student'
+    c.sources = "pixels,random_init"  # baselines evaluated beside the checkpoints
+    c.pooling = "cls"  # 'cls', 'mean', 'cls+mean', or a comma list to compare poolings
+    c.l2_normalize = False
+    c.batch_size = 256
+    c.seed = 0
+    c.protocols = "leave_one_class_out,one_class"
+    c.scorers = "knn,mahalanobis,kmeans,gmm_kmeans,gmm,mae_recon"
+    c.pca_dims = 100  # PCA (fit on each round's training normals) before every feature scorer; 0 = none
+    c.max_train_per_round = 0  # 0 = all training normals
+    c.roc_scorer = "knn"  # ROC-curve plots are drawn for this scorer (and for mae_recon)
+    c.tsne_points = 1000  # 0 = no t-SNE maps
+
+    c.scorer_args = ml_collections.ConfigDict()
+    c.scorer_args.knn = ml_collections.ConfigDict({"k": 2, "metric": "cosine"})
+    c.scorer_args.mahalanobis = ml_collections.ConfigDict({"shrinkage": "ledoit_wolf"})
+    c.scorer_args.kmeans = ml_collections.ConfigDict({"k_range": (1, 10)})
+    c.scorer_args.gmm_kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "drop_fraction": 0.06})
+    c.scorer_args.gmm = ml_collections.ConfigDict({"k_range": (1, 10), "covariance_type": "full"})
+    c.scorer_args.mae_recon = ml_collections.ConfigDict({"normalize": True})
+    c.mae_recon = ml_collections.ConfigDict({"num_masks": 8})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist5k"
+    c.data.data_dir = ""
+    c.data.train_split = "train"
+    c.data.test_split = "test"
+    c.data.download = False
+    c.data.max_per_class = 0
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+
+    c.model = base_config().model
+    return c

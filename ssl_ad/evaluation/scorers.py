@@ -41,6 +41,7 @@ __all__ = [
     "GMMScorer",
     "KNNScorer",
     "MahalanobisScorer",
+    "MAEReconScorer",
     "SCORERS",
     "build_scorer",
     "choose_elbow_k",
@@ -552,12 +553,36 @@ class KNNScorer(Scorer):
 # --------------------------------------------------------------------------
 
 # Plain name -> class map; add image-based scorers (e.g. "mae_recon") here.
+class MAEReconScorer(Scorer):
+    """MAE reconstruction error: the input rows are per-patch error maps (flattened).
+
+    With ``normalize`` each patch position is z-scored by the training normals' error
+    statistics before averaging, so patches that are always hard to reconstruct (digit
+    strokes, object edges) do not dominate; without it the score is the plain mean error.
+    """
+
+    def __init__(self, normalize: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.eps = eps
+
+    def _fit(self, x: np.ndarray) -> None:
+        self.mean_ = x.mean(axis=0)
+        self.std_ = x.std(axis=0)
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        if not self.normalize:
+            return x.mean(axis=1)
+        return ((x - self.mean_) / (self.std_ + self.eps)).mean(axis=1)
+
+
 SCORERS: dict[str, type[Scorer]] = {
     "kmeans": KMeansScorer,
     "gmm_kmeans": GMMKMeansScorer,
     "gmm": GMMScorer,
     "knn": KNNScorer,
     "mahalanobis": MahalanobisScorer,
+    "mae_recon": MAEReconScorer,
 }
 
 

@@ -1,0 +1,151 @@
+"""Turning a checkpoint (or a random ViT, or raw pixels) into feature vectors.
+
+The embedding pass is one jitted function over batches sharded across every
+device; the last batch is padded to a fixed shape so it compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ssl_ad.errors import UserInputError
+from ssl_ad.models.vit import ViT, pool_tokens, vit_from_config
+from ssl_ad.train import sharding
+from ssl_ad.train.checkpointing import Checkpointer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A trained run: its training config, step, the method object and raw params/extra."""
+
+    workdir: str
+    name: str
+    step: int
+    config: ml_collections.ConfigDict
+    method: Any
+    params: Any
+    extra: Any
+
+    def encoder(self) -> ViT:
+        return vit_from_config(self.config.model, drop_path_rate=0.0)
+
+    def encoder_params(self, which: str) -> Any:
+        return self.method.encoder_params(self.params, self.extra, which)
+
+
+def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
+    """Restores params and extra state of a training run (latest step unless ``step`` >= 0)."""
+    from ssl_ad.methods import build_method
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise UserInputError(f"no checkpoint in {workdir}: {ckpt_dir} does not exist (train first, or fix the path)")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    steps = ckpt.manager.all_steps()
+    if not steps:
+        raise UserInputError(f"no complete checkpoint in {ckpt_dir}")
+    chosen = max(steps) if step < 0 else step
+    if chosen not in steps:
+        raise UserInputError(f"checkpoint step {step} not in {ckpt_dir}; it has {sorted(steps)}")
+    meta = ckpt.meta(chosen)
+    config = ml_collections.ConfigDict(meta["config"])
+    import orbax.checkpoint as ocp
+
+    state = ckpt.manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    name = os.path.basename(os.path.normpath(workdir))
+    return LoadedCheckpoint(workdir, name, chosen, config, build_method(config), state["params"], state.get("extra", {}))
+
+
+def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
+    extra = (-x.shape[0]) % multiple
+    if not extra:
+        return x
+    return np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def batched_apply(
+    fn: Callable[[Any, jax.Array], jax.Array], params: Any, inputs: np.ndarray, batch_size: int, desc: str
+) -> np.ndarray:
+    """Applies jitted ``fn(params, batch)`` over ``inputs`` in device-sharded batches; returns NumPy."""
+    mesh = sharding.data_mesh()
+    batch_size = max(batch_size // jax.device_count(), 1) * jax.device_count()
+    params = sharding.replicate(params, mesh)
+    jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
+    outputs = []
+    n = inputs.shape[0]
+    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=n <= batch_size):
+        chunk = inputs[start:start + batch_size]
+        padded = _pad_to(chunk, batch_size)
+        batch = jax.device_put(padded, sharding.batch_sharding(mesh))
+        outputs.append(np.asarray(jitted(params, batch))[: chunk.shape[0]])
+    return np.concatenate(outputs, axis=0)
+
+
+def embed_images(
+    model: ViT, params: Any, images: np.ndarray, pooling: str, batch_size: int = 256, l2_normalize: bool = False
+) -> np.ndarray:
+    """(N, S, S, 3) normalised images -> (N, D) pooled features."""
+
+    def fn(p, x):
+        feats = pool_tokens(model.apply({"params": p}, x), pooling, model.use_cls).astype(jnp.float32)
+        if l2_normalize:
+            feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+        return feats
+
+    return batched_apply(fn, params, images, batch_size, f"embed {pooling}")
+
+
+def reconstruction_error_maps(
+    method: Any, params: Any, images: np.ndarray, num_masks: int, seed: int, batch_size: int = 256
+) -> np.ndarray:
+    """(N, grid, grid) MAE reconstruction error averaged over ``num_masks`` random masks.
+
+    The masks depend on the batch position only through a fixed key per batch, so the
+    maps are reproducible for a given seed and batch size.
+    """
+    key = jax.random.key(seed)
+
+    def fn(p, x):
+        return method.reconstruction_error(p, x, key, num_masks)
+
+    return batched_apply(fn, params, images, batch_size, "mae recon")
+
+
+def random_init_params(model: ViT, seed: int) -> Any:
+    """Parameters of a freshly initialised ViT: the 'before SSL' baseline."""
+    dummy = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    return model.init(jax.random.key(seed), dummy)["params"]
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """Raw-pixel baseline: uint8 images at native size, scaled to [0, 1] and flattened."""
+    return images.reshape(images.shape[0], -1).astype(np.float32) / 255.0
+
+
+def check_features_finite(features: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(features)):
+        raise UserInputError(f"features of {what} contain NaN/Inf: the checkpoint is likely diverged")
+
+
+__all__ = [
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "batched_apply",
+    "embed_images",
+    "reconstruction_error_maps",
+    "random_init_params",
+    "pixel_features",
+    "check_features_finite",
+]
