@@ -65,11 +65,11 @@ def test_results_json_schema(tmp_path: Path) -> None:
     assert data["schema_version"] == report.SCHEMA_VERSION
     assert data["meta"]["ssl_ad_version"] == ssl_ad.__version__
     assert data["meta"]["checkpoints"]["dino"] == {"path": "runs/dino/ckpt", "step": 1000}
-    assert len(data["rows"]) == 4
-    for row in data["rows"]:
+    assert len(data["results"]) == 4
+    for row in data["results"]:
         assert set(report.REQUIRED_KEYS) <= set(row)
-    assert data["rows"][0]["per_round"] == {"cat": 0.8, "dog": 0.82}
-    assert data["rows"][0]["k"] == 3
+    assert data["results"][0]["per_round"] == {"cat": 0.8, "dog": 0.82}
+    assert data["results"][0]["k"] == 3
 
 
 def test_missing_keys_rejected(tmp_path: Path) -> None:

@@ -111,8 +111,8 @@ def test_score_before_fit_and_wrong_width() -> None:
 
 
 def test_build_scorer_unknown_name_lists_valid() -> None:
-    with pytest.raises(ValueError, match="gmm_kmeans.*kmeans.*knn.*mahalanobis"):
-        sc.build_scorer("mae_recon")
+    with pytest.raises(ValueError, match="gmm_kmeans.*kmeans.*knn.*mae_recon.*mahalanobis"):
+        sc.build_scorer("recon")
     assert isinstance(sc.build_scorer("knn", k=1), sc.KNNScorer)
 
 
@@ -228,3 +228,18 @@ def test_mahalanobis_matches_numpy_formula() -> None:
     expected = np.einsum("ij,jk,ik->i", d, np.linalg.inv(lw.covariance_), d)
     got = sc.MahalanobisScorer(pca_dims=None).fit(train).score(query)
     np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_mae_recon_scorer_matches_formula_and_fits_on_train_only() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.gamma(2.0, 1.0, size=(200, 16))
+    test = np.concatenate([rng.gamma(2.0, 1.0, size=(50, 16)), rng.gamma(2.0, 1.0, size=(50, 16)) + 3.0])
+    scorer = sc.build_scorer("mae_recon").fit(train)
+    expected = ((test - train.mean(0)) / (train.std(0) + 1e-6)).mean(1)
+    np.testing.assert_allclose(scorer.score(test), expected, rtol=1e-10)
+    plain = sc.build_scorer("mae_recon", normalize=False).fit(train)
+    np.testing.assert_allclose(plain.score(test), test.mean(1))
+    is_anomaly = np.r_[np.zeros(50), np.ones(50)]
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(is_anomaly, scorer.score(test)) > 0.95

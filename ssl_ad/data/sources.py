@@ -96,10 +96,31 @@ def _load_cifar10(data_cfg: Any, split: str) -> ImageSplit:
     return dataclasses.replace(out, images=out.images[keep], labels=out.labels[keep])
 
 
+def _load_image_folder(data_cfg: Any, split: str) -> ImageSplit:
+    from ssl_ad.data.image_folder import load_image_folder
+
+    return load_image_folder(data_cfg, split)
+
+
+def _load_mvtec_ad(data_cfg: Any, split: str) -> ImageSplit:
+    from ssl_ad.data.mvtec_ad import load_mvtec_ad
+
+    return load_mvtec_ad(data_cfg, split)
+
+
+def _load_coco2017(data_cfg: Any, split: str) -> ImageSplit:
+    from ssl_ad.data.coco2017 import load_coco2017
+
+    return load_coco2017(data_cfg, split)
+
+
 # name -> loader; other modules of this package add their builders here explicitly.
 LOADERS: dict[str, Callable[[Any, str], ImageSplit]] = {
     "mnist5k": _load_mnist5k,
     "cifar10": _load_cifar10,
+    "image_folder": _load_image_folder,
+    "mvtec_ad": _load_mvtec_ad,
+    "coco2017": _load_coco2017,
 }
 
 

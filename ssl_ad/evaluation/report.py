@@ -68,13 +68,13 @@ def _to_json(obj: Any) -> Any:
 
 
 def write_results_json(path: str | Path, rows: Sequence[Row], meta: Mapping[str, Any]) -> Path:
-    """Write ``{"schema_version", "meta", "rows"}``; meta gains ``ssl_ad_version`` if absent.
+    """Write ``{"schema_version", "meta", "results"}``; meta gains ``ssl_ad_version`` if absent.
 
     ``meta`` should hold the config, checkpoint paths/steps and the seed.
     """
     _check_rows(rows)
     meta = {"ssl_ad_version": ssl_ad.__version__, **meta}
-    payload = {"schema_version": SCHEMA_VERSION, "meta": meta, "rows": list(rows)}
+    payload = {"schema_version": SCHEMA_VERSION, "meta": meta, "results": list(rows)}
     text = json.dumps(payload, indent=2, default=_to_json) + "\n"
     return atomic_write_text(path, text)
 

@@ -84,7 +84,7 @@ class FeatureBuilder:
         tr, te, sec = self._both("pixels", 0, "raw", lambda s: embedding.pixel_features(s.images))
         return FeatureSet("pixels", EMBEDDING, tr, te, sec, {"source": "raw pixels"})
 
-    def _vit_sets(self, name: str, step: int, model, params, model_cfg, data_norm) -> list[FeatureSet]:
+    def _vit_sets(self, name: str, step: int, model, params, data_norm, which: str = "") -> list[FeatureSet]:
         cfg = self.config
         sets = []
         size = model.image_size
@@ -96,7 +96,7 @@ class FeatureBuilder:
             return images[split.split]
 
         for pooling in _csv(cfg.pooling):
-            tag = f"{pooling}-{cfg.which}-{size}px" + ("-l2" if cfg.l2_normalize else "")
+            tag = "-".join(t for t in (pooling, which, f"{size}px", "l2" if cfg.l2_normalize else "") if t)
             tr, te, sec = self._both(
                 name,
                 step,
@@ -112,14 +112,14 @@ class FeatureBuilder:
     def random_init(self, model_cfg: Any, data_norm: Any) -> list[FeatureSet]:
         model = vit_from_config(model_cfg, drop_path_rate=0.0)
         params = embedding.random_init_params(model, self.config.seed)
-        return self._vit_sets("random_init", 0, model, params, model_cfg, data_norm)
+        return self._vit_sets("random_init", 0, model, params, data_norm)
 
     def checkpoint(self, loaded: embedding.LoadedCheckpoint) -> list[FeatureSet]:
         cfg = self.config
         which = cfg.which if loaded.config.method == "dino" else "default"
         model = loaded.encoder()
         params = loaded.encoder_params(which)
-        sets = self._vit_sets(loaded.name, loaded.step, model, params, loaded.config.model, loaded.config.data)
+        sets = self._vit_sets(loaded.name, loaded.step, model, params, loaded.config.data, which if which != "default" else "")
         if hasattr(loaded.method, "reconstruction_error") and "mae_recon" in _csv(cfg.scorers):
             size, norm = model.image_size, loaded.config.data
             masks = int(cfg.mae_recon.num_masks)

@@ -1,0 +1,89 @@
+"""End-to-end evaluation on a tiny MAE checkpoint: every output file, its schema, caching, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import eval_mnist5k
+from ssl_ad.errors import UserInputError
+from ssl_ad.evaluation.report import REQUIRED_KEYS
+from ssl_ad.evaluation.runner import run_evaluation
+from ssl_ad.train.loop import train_and_evaluate
+from tests.conftest import REPO, tiny_mae_config
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("mae_run"))
+    train_and_evaluate(tiny_mae_config(data_dir, total_steps=10, checkpoint_every=10), workdir)
+    return workdir
+
+
+def tiny_eval_config(data_dir, checkpoint):
+    c = eval_mnist5k.get_config()
+    c.data.data_dir = data_dir
+    c.checkpoint = checkpoint
+    c.max_train_per_round = 60
+    c.tsne_points = 80
+    c.pca_dims = 16
+    c.mae_recon.num_masks = 2
+    c.protocols = "leave_one_class_out,one_class"
+    c.scorer_args.kmeans.k_range = (1, 4)
+    c.scorer_args.gmm_kmeans.k_range = (1, 4)
+    c.scorer_args.gmm.k_range = (1, 3)
+    return c
+
+
+def test_evaluation_writes_every_output_with_schema(tmp_path, data_dir, mae_run):
+    out = tmp_path / "report"
+    rows = run_evaluation(tiny_eval_config(data_dir, mae_run), str(out), command="python evaluate.py ...")
+    for name in ("results.json", "results.csv", "report.md"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "results.json").read_text())
+    results = data["results"]
+    assert len(results) == len(rows)
+    for row in results:
+        assert set(REQUIRED_KEYS) <= set(row)
+        assert set(row["per_round"]) == {str(i) for i in range(10)}
+        assert 0.0 <= row["mean_auroc"] <= 1.0
+    got = {(r["feature"], r["scorer"], r["protocol"]) for r in results}
+    feature_scorers = ["knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm"]
+    for protocol in ("leave_one_class_out", "one_class"):
+        for feature in ("pixels", "random_init", os.path.basename(mae_run)):
+            assert all((feature, s, protocol) in got for s in feature_scorers)
+        assert (os.path.basename(mae_run), "mae_recon", protocol) in got
+        assert ("pixels", "mae_recon", protocol) not in got
+    meta = data["meta"]
+    assert meta["checkpoints"][0]["step"] == 10 and meta["seed"] == 0 and meta["version"]
+    assert meta["config"]["checkpoint"] == mae_run
+    plots = set(os.listdir(out / "plots"))
+    assert {"auroc_leave_one_class_out.png", "auroc_one_class.png", "tsne_pixels.png", "elbow_pixels.png"} <= plots
+    assert any(p.startswith("recon_") for p in plots) and any(p.startswith("roc_") for p in plots)
+    assert "| pixels |" in (out / "report.md").read_text()
+    csv_header = (out / "results.csv").read_text().splitlines()[0]
+    assert "mean_auroc" in csv_header and "auroc_0" in csv_header
+
+    # A second run reuses the cached features instead of recomputing them.
+    features = sorted(os.listdir(out / "features"))
+    mtimes = {f: os.path.getmtime(out / "features" / f) for f in features}
+    run_evaluation(tiny_eval_config(data_dir, mae_run), str(out))
+    assert {f: os.path.getmtime(out / "features" / f) for f in features} == mtimes
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(UserInputError, match="no checkpoint"):
+        run_evaluation(tiny_eval_config(data_dir, str(tmp_path / "nothing")), str(tmp_path / "out"))
+
+
+def test_evaluate_cli_exits_nonzero_with_one_message(tmp_path, data_dir):
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "--config=configs/eval_mnist5k.py",
+         f"--config.checkpoint={tmp_path / 'missing'}", f"--outdir={tmp_path / 'out'}",
+         f"--config.data.data_dir={data_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "error: no checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
