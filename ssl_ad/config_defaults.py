@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.download = False
     c.data.max_per_class = 0
+    c.data.load_size = 0  # resize+centre-crop images to this side on load (0 = native size)
     c.data.augment = "single"
     c.data.crop_scale = (0.2, 1.0)
     c.data.hflip = True
@@ -110,6 +111,7 @@ def eval_config() -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.download = False
     c.data.max_per_class = 0
+    c.data.load_size = 0
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 

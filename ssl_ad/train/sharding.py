@@ -17,16 +17,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls ``jax.distributed.initialize()`` when the environment names a cluster (multi-host runs)."""
-    if any(os.environ.get(k) for k in _CLUSTER_ENV) and jax.process_count() == 1:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialised
-            log.debug("jax.distributed.initialize: %s", e)
+    """Calls ``jax.distributed.initialize()`` when the environment names a cluster (multi-host runs).
+
+    JAX reads JAX_COORDINATOR_ADDRESS itself and auto-detects SLURM, Open MPI and TPU pods;
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (ours) supply the rest for a hand-started cluster.
+    Must run before anything touches a device, so it checks only the environment.
+    """
+    if not any(os.environ.get(k) for k in _CLUSTER_ENV) or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def data_mesh() -> Mesh:
