@@ -98,9 +98,10 @@ def eval_config() -> ml_collections.ConfigDict:
     c.scorer_args = ml_collections.ConfigDict()
     c.scorer_args.knn = ml_collections.ConfigDict({"k": 2, "metric": "cosine"})
     c.scorer_args.mahalanobis = ml_collections.ConfigDict({"shrinkage": "ledoit_wolf"})
-    c.scorer_args.kmeans = ml_collections.ConfigDict({"k_range": (1, 10)})
-    c.scorer_args.gmm_kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "drop_fraction": 0.06})
-    c.scorer_args.gmm = ml_collections.ConfigDict({"k_range": (1, 10), "covariance_type": "full"})
+    # n_init=1: sklearn's own default for k-means++ ('auto'); the elbow fits 10 models per round.
+    c.scorer_args.kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "n_init": 1})
+    c.scorer_args.gmm_kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "drop_fraction": 0.06, "n_init": 1})
+    c.scorer_args.gmm = ml_collections.ConfigDict({"k_range": (1, 10), "covariance_type": "full", "n_init": 1})
     c.scorer_args.mae_recon = ml_collections.ConfigDict({"normalize": True})
     c.mae_recon = ml_collections.ConfigDict({"num_masks": 8})
 
