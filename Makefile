@@ -2,26 +2,32 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 RUNS ?= runs
 REPORTS ?= reports
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
-	touch $(STAMP)
 
-install: $(STAMP)
+# The core (demo) never needs torch; the tests also run the PyTorch-weight converter's parity checks.
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
 
-demo: $(STAMP)
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test,convert]"
+	touch $@
+
+install: $(VENV)/.core
+
+demo: $(VENV)/.core
 	$(BIN)/python train.py --config=configs/mae_mnist5k.py --workdir=$(RUNS)/mae
 	$(BIN)/python train.py --config=configs/dino_mnist5k.py --workdir=$(RUNS)/dino
 	$(BIN)/python evaluate.py --config=configs/eval_mnist5k.py --config.checkpoint=$(RUNS)/mae,$(RUNS)/dino --outdir=$(REPORTS)/demo
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Callable
 
+from absl import flags
 from absl import logging as absl_logging
 
 from ssl_ad.errors import DivergenceError, UserInputError
@@ -28,3 +29,44 @@ def run_guarded(fn: Callable[[], object]) -> None:
     except DivergenceError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(3)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _unknown_key_message(argv: list[str], error: BaseException) -> str | None:
+    """ml_collections reports an unknown ``--config.<key>`` as a bare KeyError('key'); name the flag.
+
+    None when no ``--config.*`` override names that key (then it is a bug, not a user's typo)."""
+    cause = error if isinstance(error, KeyError) else (error.__cause__ or error.__context__)
+    text = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(error)
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\"")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
+    culprit = next((o for o in overrides if key in o.lstrip("-").split(".")[1:]), None)
+    if culprit is None:
+        return None
+    message = f"{culprit}: unknown config key {key!r} (not in the config file; see its get_config() for the keys)"
+    return f"{message}. {hint.strip()}" if hint.strip() else message
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``app.run``'s flags parser: a bad flag, config file or ``--config.<key>`` override is one
+    ``error: ...`` line and exit code 2 instead of a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+            getattr(flags.FLAGS["config"].value, "to_dict")  # a config file that failed to load raises here
+        return rest
+    except flags.Error as e:
+        _fail(str(e))
+    except (KeyError, AttributeError) as e:  # --config.<key>=... naming a key the config lacks
+        message = _unknown_key_message(argv, e)
+        if message is None:
+            raise
+        _fail(message)
+    except OSError as e:  # the --config file itself cannot be loaded
+        _fail(" ".join(str(e).split()))
+    raise AssertionError("unreachable")

@@ -104,6 +104,16 @@ def eval_config() -> ml_collections.ConfigDict:
     c.scorer_args.gmm = ml_collections.ConfigDict({"k_range": (1, 10), "covariance_type": "full", "n_init": 1})
     c.scorer_args.mae_recon = ml_collections.ConfigDict({"normalize": True})
     c.mae_recon = ml_collections.ConfigDict({"num_masks": 8})
+    # Pixel-level anomaly maps (test splits with masks, e.g. MVTec AD): comma list of
+    # 'patch_knn' (patch-token kNN to the round's training tokens) and 'mae_recon'; '' = none.
+    c.pixel_maps = ""
+    c.pixel = ml_collections.ConfigDict()
+    c.pixel.k = 1  # nearest bank tokens averaged per test patch token
+    c.pixel.max_bank = 20000  # memory-bank tokens (seeded subsample when a round has more; 0 = all)
+    c.pixel.metric = "l2"  # 'l2' or 'cosine'
+    c.pixel.sigma = 4.0  # Gaussian smoothing of the upsampled maps, in mask pixels (0 = none)
+    c.pixel.max_fpr = 0.3  # PRO is integrated over FPR in [0, max_fpr]
+    c.pixel.overlays = 4  # overlay figures: test images shown per round (0 = none)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -118,3 +128,40 @@ def eval_config() -> ml_collections.ConfigDict:
 
     c.model = base_config().model
     return c
+
+
+def dino_block() -> ml_collections.ConfigDict:
+    """DINO's own keys (defaults of the paper's ViT-S/16 run, Caron et al., 2021)."""
+    d = ml_collections.ConfigDict()
+    d.out_dim = 65536  # K, prototypes of the last layer
+    d.hidden_dim = 2048
+    d.bottleneck_dim = 256
+    d.num_layers = 3  # Dense layers before the L2-normalised bottleneck
+    d.norm_last_layer = True  # weight-norm scale g fixed at 1
+    d.pooling = "cls"  # backbone output fed to the head: 'cls' or 'mean' (of patch tokens)
+    d.student_temp = 0.1
+    d.teacher_temp = 0.07  # reached after the warm-up, then constant
+    d.warmup_teacher_temp = 0.04  # linear from this ...
+    d.warmup_teacher_temp_steps = 0  # ... over this many steps (0 = teacher_temp throughout)
+    d.momentum_teacher = 0.996  # EMA momentum, cosine to 1.0 over total_steps
+    d.center_momentum = 0.9
+    return d
+
+
+def multicrop_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds DINO's multi-crop augmentation keys (the paper's values) to a ``config.data`` block."""
+    data.augment = "multicrop"
+    data.global_size = 224
+    data.global_scale = (0.4, 1.0)
+    data.local_size = 96
+    data.local_scale = (0.05, 0.4)
+    data.num_local = 8
+    data.global_blur = (1.0, 0.1)  # blur probability of global view 1 / view 2
+    data.local_blur = 0.5
+    data.solarize_p = 0.2  # global view 2 only
+    data.color_jitter_p = 0.8
+    data.color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    data.grayscale_p = 0.2
+    data.blur_sigma = (0.1, 2.0)
+    data.hflip = True
+    return data

@@ -91,9 +91,7 @@ def _load_cifar10(data_cfg: Any, split: str) -> ImageSplit:
                 "and copy its tensorflow_datasets folder here, point --config.data.data_dir at it, "
                 "or set --config.data.download=True where the network is reachable."
             )
-    out = _builder_split(builder, split, "cifar10")
-    keep = cap_per_class(out.labels, data_cfg.get("max_per_class", 0))
-    return dataclasses.replace(out, images=out.images[keep], labels=out.labels[keep])
+    return _builder_split(builder, split, "cifar10")
 
 
 def _load_image_folder(data_cfg: Any, split: str) -> ImageSplit:
@@ -130,6 +128,17 @@ def load_split(data_cfg: Any, split: str) -> ImageSplit:
     if name not in LOADERS:
         raise UserInputError(f"unknown data set {name!r}; choose one of {sorted(LOADERS)}")
     out = LOADERS[name](data_cfg, split)
+    cap = int(data_cfg.get("max_per_class", 0) or 0)
+    if cap:
+        keep = cap_per_class(out.labels, cap)
+        out = dataclasses.replace(
+            out,
+            name=f"{out.name}_first{cap}",
+            images=out.images[keep],
+            labels=out.labels[keep],
+            is_anomaly=None if out.is_anomaly is None else out.is_anomaly[keep],
+            masks=None if out.masks is None else out.masks[keep],
+        )
     if len(out) == 0:
         raise UserInputError(f"split {split!r} of data set {name!r} is empty")
     log.info("Loaded %s/%s: %d images of shape %s", name, split, len(out), out.images.shape[1:])

@@ -43,6 +43,11 @@ class LoadedCheckpoint:
     def encoder_params(self, which: str) -> Any:
         return self.method.encoder_params(self.params, self.extra, which)
 
+    @property
+    def can_reconstruct(self) -> bool:
+        """An MAE run with its decoder (converted encoder-only MAE weights have none)."""
+        return hasattr(self.method, "reconstruction_error") and "decoder" in self.params
+
 
 def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     """Restores params and extra state of a training run (latest step unless ``step`` >= 0)."""
@@ -52,7 +57,7 @@ def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     if not os.path.isdir(ckpt_dir):
         raise UserInputError(f"no checkpoint in {workdir}: {ckpt_dir} does not exist (train first, or fix the path)")
     ckpt = Checkpointer(ckpt_dir, read_only=True)
-    steps = ckpt.manager.all_steps()
+    steps = ckpt.all_steps()  # complete checkpoints only
     if not steps:
         raise UserInputError(f"no complete checkpoint in {ckpt_dir}")
     chosen = max(steps) if step < 0 else step
@@ -107,6 +112,16 @@ def embed_images(
     return batched_apply(fn, params, images, batch_size, f"embed {pooling}")
 
 
+def embed_patch_tokens(model: ViT, params: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, S, S, 3) normalised images -> (N, P, D) float32 patch tokens (CLS dropped), row-major grid."""
+
+    def fn(p, x):
+        tokens = model.apply({"params": p}, x)
+        return (tokens[:, 1:] if model.use_cls else tokens).astype(jnp.float32)
+
+    return batched_apply(fn, params, images, batch_size, "patch tokens")
+
+
 def reconstruction_error_maps(
     method: Any, params: Any, images: np.ndarray, num_masks: int, seed: int, batch_size: int = 256
 ) -> np.ndarray:
@@ -144,6 +159,7 @@ __all__ = [
     "load_checkpoint",
     "batched_apply",
     "embed_images",
+    "embed_patch_tokens",
     "reconstruction_error_maps",
     "random_init_params",
     "pixel_features",

@@ -22,6 +22,7 @@ __all__ = [
     "plot_elbow",
     "plot_tsne",
     "plot_image_grid",
+    "plot_anomaly_overlays",
     "stratified_sample",
 ]
 
@@ -182,4 +183,43 @@ def plot_image_grid(rows: Sequence[np.ndarray], row_titles: Sequence[str], path:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i, 0].set_ylabel(title)
+    return _save(fig, path)
+
+
+def plot_anomaly_overlays(
+    images: np.ndarray, masks: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path
+) -> Path:
+    """One column per image: the image with the ground-truth contour (red), then the anomaly map
+    (one colour scale for all columns, so columns compare) over the image with the same contour.
+
+    ``images`` (n, H, W, 3) uint8 or floats in [0, 1]; ``masks`` (n, H, W) 0/1; ``maps`` (n, H, W).
+    """
+    images, masks, maps = np.asarray(images), np.asarray(masks), np.asarray(maps, dtype=np.float32)
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no images to plot.")
+    if masks.shape != images.shape[:3] or maps.shape != masks.shape or len(titles) != n:
+        raise ValueError(
+            f"images {images.shape}, masks {masks.shape}, maps {maps.shape} and {len(titles)} titles disagree."
+        )
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    finite = maps[np.isfinite(maps)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig = _new_figure(2.2 * n + 0.6, 4.6)
+    axes = fig.subplots(2, n, squeeze=False)
+    for j in range(n):
+        for i in range(2):
+            ax = axes[i, j]
+            ax.imshow(np.clip(images[j], 0.0, 1.0))
+            if i == 1:
+                im = ax.imshow(maps[j], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+            if masks[j].any():
+                ax.contour(masks[j].astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, j].set_title(str(titles[j]), fontsize="small")
+    axes[0, 0].set_ylabel("image · ground truth")
+    axes[1, 0].set_ylabel("anomaly map")
+    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.04, pad=0.02)
     return _save(fig, path)

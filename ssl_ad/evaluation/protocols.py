@@ -17,6 +17,8 @@ __all__ = [
     "leave_one_class_out",
     "one_class",
     "good_vs_defect",
+    "mvtec_rounds",
+    "MVTEC_VARIANTS",
     "make_rounds",
     "PROTOCOLS",
 ]
@@ -130,6 +132,74 @@ def good_vs_defect(
     train_idx = np.sort(np.asarray(train_good_idx, dtype=np.int64).ravel())
     train_idx = _subsample(train_idx, max_train_per_round, seed, 0)
     return _make_round(name, train_idx, np.asarray(test_is_anomaly).ravel())
+
+
+MVTEC_VARIANTS = ("mvtec", "mvtec_study")
+
+
+def _subset_round(name: str, train_idx: np.ndarray, test_idx: np.ndarray, is_anomaly: np.ndarray) -> Round:
+    """A round over a subset ``test_idx`` of the test split, checked to be scoreable."""
+    test_idx = np.asarray(test_idx, dtype=np.int64)
+    anomalous = np.asarray(is_anomaly, dtype=bool)[test_idx]
+    if train_idx.size == 0:
+        raise ValueError(f"Round {name!r}: no training normals.")
+    if anomalous.all() or not anomalous.any():
+        raise ValueError(f"Round {name!r}: its test images need both normal and anomalous ones.")
+    return Round(name=name, train_idx=train_idx.astype(np.int64), test_idx=test_idx, test_is_anomaly=anomalous)
+
+
+def mvtec_rounds(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    test_is_anomaly: np.ndarray,
+    class_names: Sequence[str],
+    categories_as_labels: bool,
+    variant: str = "mvtec",
+    name: str = "mvtec",
+    max_train_per_round: int | None = None,
+    seed: int = 0,
+) -> list[Round]:
+    """MVTec AD rounds; every train image is good, anomaly = ``test_is_anomaly``.
+
+    ``variant='mvtec'`` (the standard protocol): with categories as labels
+    (``data.category='all'``) one round per category c, fit on c's train
+    images and tested on c's test images; otherwise (one category, labels are
+    defect types) a single round ``name`` fit on all train and tested on all
+    test images.
+
+    ``variant='mvtec_study'`` (the original study's): needs categories as
+    labels; round c fits on every category's train images and tests on every
+    good test image plus category c's defective ones.
+    """
+    if variant not in MVTEC_VARIANTS:
+        raise ValueError(f"Unknown MVTec variant {variant!r}; valid: {', '.join(MVTEC_VARIANTS)}.")
+    y_te = np.asarray(test_labels)
+    anomalous = np.asarray(test_is_anomaly, dtype=bool).ravel()
+    if anomalous.shape != y_te.shape:
+        raise ValueError(f"test_is_anomaly has {anomalous.size} entries for {y_te.size} test labels.")
+    if not categories_as_labels:
+        if variant == "mvtec_study":
+            raise ValueError(
+                "the 'mvtec_study' protocol needs categories as labels (data.category='all'); "
+                "with a single category use 'mvtec'."
+            )
+        n_train = np.asarray(train_labels).size
+        train_idx = _subsample(np.arange(n_train, dtype=np.int64), max_train_per_round, seed, 0)
+        return [_subset_round(str(name), train_idx, np.arange(y_te.size), anomalous)]
+    n = len(class_names)
+    y_tr = _as_labels(train_labels, n, "train_labels")
+    y_te = _as_labels(y_te, n, "test_labels")
+    rounds = []
+    for c, cname in enumerate(class_names):
+        if variant == "mvtec":
+            train_idx = np.flatnonzero(y_tr == c)
+            test_idx = np.flatnonzero(y_te == c)
+        else:
+            train_idx = np.arange(y_tr.size, dtype=np.int64)
+            test_idx = np.flatnonzero(~anomalous | (y_te == c))
+        train_idx = _subsample(train_idx, max_train_per_round, seed, c)
+        rounds.append(_subset_round(str(cname), train_idx, test_idx, anomalous))
+    return rounds
 
 
 _ProtocolFn = Callable[..., list[Round]]

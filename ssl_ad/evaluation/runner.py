@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from ssl_ad.data.pipeline import preprocess_eval
 from ssl_ad.data.sources import ImageSplit, load_split
 from ssl_ad.errors import UserInputError
 from ssl_ad.evaluation import embedding, metrics, plots, report
-from ssl_ad.evaluation.protocols import Round, make_rounds
+from ssl_ad.evaluation.protocols import MVTEC_VARIANTS, PROTOCOLS, Round, make_rounds, mvtec_rounds
 from ssl_ad.evaluation.scorers import SCORERS, build_scorer
 from ssl_ad.models.vit import vit_from_config
 
@@ -50,12 +51,29 @@ def _csv(value: Any) -> list[str]:
 def _cached(path: str, compute) -> tuple[np.ndarray, bool]:
     """Loads features from ``path`` (.npz, no pickle) or computes and saves them atomically."""
     if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as f:
-            return f["features"], True
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["features"], True
+        except ValueError as e:
+            if "allow_pickle" in str(e):  # numpy refuses object arrays: loading them would unpickle
+                raise UserInputError(
+                    f"cached features {path} hold pickled Python objects, which are never loaded "
+                    "(allow_pickle=False); delete the file to recompute the features"
+                ) from None
+            raise UserInputError(f"cached features {path} cannot be read ({e}); delete the file to recompute them") from None
+        except (OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise UserInputError(
+                f"cached features {path} cannot be read ({type(e).__name__}: {e}); delete the file to recompute them"
+            ) from None
     features = compute()
     tmp = path + ".tmp.npz"
-    np.savez(tmp, features=features)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, features=features)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return features, False
 
 
@@ -120,7 +138,7 @@ class FeatureBuilder:
         model = loaded.encoder()
         params = loaded.encoder_params(which)
         sets = self._vit_sets(loaded.name, loaded.step, model, params, loaded.config.data, which if which != "default" else "")
-        if hasattr(loaded.method, "reconstruction_error") and "mae_recon" in _csv(cfg.scorers):
+        if loaded.can_reconstruct and "mae_recon" in _csv(cfg.scorers):
             size, norm = model.image_size, loaded.config.data
             masks = int(cfg.mae_recon.num_masks)
 
@@ -184,6 +202,59 @@ def score_rounds(fs: FeatureSet, scorer_name: str, protocol: str, rounds: list[R
     return row, {"curves": curves, "scorer": first_scorer}
 
 
+def _rounds_for(protocol: str, train: ImageSplit, test: ImageSplit, config: Any) -> list[Round]:
+    """The rounds of ``protocol``: a class protocol, or 'mvtec' / 'mvtec_study' (anomaly = test.is_anomaly)."""
+    max_train, seed = int(config.max_train_per_round) or None, int(config.seed)
+    if protocol in MVTEC_VARIANTS:
+        if test.is_anomaly is None:
+            raise UserInputError(
+                f"protocol {protocol!r} needs a test split with anomaly labels (e.g. mvtec_ad); {test.name} has none"
+            )
+        category = str(config.data.get("category", "") or "")
+        try:
+            return mvtec_rounds(
+                train.labels, test.labels, test.is_anomaly, train.class_names, category == "all", protocol,
+                name=category or train.name, max_train_per_round=max_train, seed=seed,
+            )
+        except ValueError as e:
+            raise UserInputError(f"protocol {protocol!r}: {e}") from None
+    if protocol not in PROTOCOLS:
+        raise UserInputError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS) + list(MVTEC_VARIANTS)}")
+    return make_rounds(protocol, train.labels, test.labels, train.class_names, max_train_per_round=max_train, seed=seed)
+
+
+def _pixel_stage(config, train, test, checkpoints, protocol_rounds, builder, plot_dir) -> tuple[list, list]:
+    """Pixel-level rows (pixel_<maker>) and plots for every source and MVTec round; see pixel_maps."""
+    from ssl_ad.evaluation.pixel_maps import MapSource, PixelEvaluator
+
+    makers = _csv(config.pixel_maps)
+    if test.masks is None or test.is_anomaly is None:
+        log.warning("pixel_maps=%s skipped: %s/%s has no ground-truth masks", makers, test.name, test.split)
+        return [], []
+    if not protocol_rounds:  # no MVTec protocol requested: the standard one
+        protocol_rounds = {"mvtec": _rounds_for("mvtec", train, test, config)}
+    sources = []
+    if "random_init" in _csv(config.sources):
+        ref = checkpoints[0].config if checkpoints else config
+        model = vit_from_config(ref.model, drop_path_rate=0.0)
+        params = embedding.random_init_params(model, config.seed)
+        sources.append(MapSource("random_init", 0, model, params, ref.data if checkpoints else config.data))
+    for loaded in checkpoints:
+        which = config.which if loaded.config.method == "dino" else "default"
+        sources.append(MapSource(loaded.name, loaded.step, loaded.encoder(), loaded.encoder_params(which),
+                                 loaded.config.data, loaded.method, loaded.params))
+    evaluator = PixelEvaluator(config, train, test, makers, cache_path=builder._key)
+    rows, paths = evaluator.evaluate(sources, protocol_rounds, plot_dir)
+    for protocol in protocol_rounds:
+        sub = [r for r in rows if r["protocol"] == protocol]
+        for key, label in (("pixel_auroc", "pixel AUROC"), ("pro", f"PRO (FPR ≤ {evaluator.max_fpr:g})")):
+            bars = {(r["feature"], r["scorer"]): (r[f"mean_{key}"], r[f"std_{key}"]) for r in sub}
+            if bars:
+                paths.append(plots.plot_auroc_bars(bars, os.path.join(plot_dir, f"{key}_{protocol}.png"),
+                                                   title=f"Mean {label} · {protocol}"))
+    return rows, paths
+
+
 def _applicable(fs: FeatureSet, scorer_name: str) -> bool:
     return (scorer_name == "mae_recon") == (fs.kind == RECON)
 
@@ -199,6 +270,12 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
         os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
     except OSError as e:
         raise UserInputError(f"cannot write outdir {outdir}: {e.strerror}") from e
+    pixel_makers = _csv(config.get("pixel_maps", ""))
+    if pixel_makers:
+        from ssl_ad.evaluation.pixel_maps import MAKERS
+
+        if [m for m in pixel_makers if m not in MAKERS]:
+            raise UserInputError(f"unknown pixel map maker(s) in {pixel_makers}; choose from {list(MAKERS)}")
     checkpoints = [embedding.load_checkpoint(w, int(config.step)) for w in _csv(config.checkpoint)]
     train = load_split(config.data, config.data.train_split)
     test = load_split(config.data, config.data.test_split)
@@ -218,11 +295,11 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
 
     rows, plot_paths = [], []
     plot_dir = os.path.join(outdir, "plots")
+    mvtec_protocol_rounds = {}
     for protocol in _csv(config.protocols):
-        rounds = make_rounds(
-            protocol, train.labels, test.labels, train.class_names,
-            max_train_per_round=int(config.max_train_per_round) or None, seed=int(config.seed),
-        )
+        rounds = _rounds_for(protocol, train, test, config)
+        if protocol in MVTEC_VARIANTS:
+            mvtec_protocol_rounds[protocol] = rounds
         for fs in feature_sets:
             for scorer_name in scorer_names:
                 if not _applicable(fs, scorer_name):
@@ -243,6 +320,11 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
         plot_paths.append(plots.plot_auroc_bars(bars, os.path.join(plot_dir, f"auroc_{protocol}.png"),
                                                 title=f"Mean AUROC · {protocol}"))
 
+    if pixel_makers:
+        pixel_rows, pixel_paths = _pixel_stage(config, train, test, checkpoints, mvtec_protocol_rounds, builder, plot_dir)
+        rows.extend(pixel_rows)
+        plot_paths.extend(p for p in pixel_paths if os.path.dirname(str(p)) == plot_dir)  # overlays stay in plots/pixel/
+
     if config.tsne_points:
         for fs in feature_sets:
             if fs.kind == EMBEDDING:
@@ -251,7 +333,7 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
                                                   os.path.join(plot_dir, f"tsne_{safe}.png"),
                                                   max_points=int(config.tsne_points), seed=int(config.seed)))
     for loaded in checkpoints:
-        if hasattr(loaded.method, "reconstruct"):
+        if loaded.can_reconstruct:
             plot_paths.append(_reconstruction_grid(loaded, test, os.path.join(plot_dir, f"recon_{loaded.name}.png"), config.seed))
 
     meta = {

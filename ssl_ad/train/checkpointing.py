@@ -1,14 +1,21 @@
 """Orbax checkpoints of the whole train state, with a readable error when they don't fit the config.
 
-orbax writes each step into a temporary folder and renames it when complete,
-so a save killed half-way is never listed as a step: the latest complete
-checkpoint is what ``latest_step`` returns.
+orbax writes each step into a temporary folder (``<step>.orbax-checkpoint-tmp``)
+and renames it when complete, so a save killed half-way is never listed as a
+step. orbax (>= 0.12.8) also writes ``commit_success.txt`` into every step
+before it is finalised, but on a local disk it does not check for it: a step
+folder without that marker (an interrupted copy or sync of a run) would be
+taken as complete. :class:`Checkpointer` does check: such a folder is never a
+step; a writable Checkpointer moves it aside to ``<step>.incomplete`` (kept,
+not deleted) so the step can be saved again. ``latest_step`` is therefore the
+latest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -17,6 +24,27 @@ import orbax.checkpoint as ocp
 from ssl_ad.errors import UserInputError
 
 log = logging.getLogger(__name__)
+
+COMMIT_FILE = "commit_success.txt"  # orbax's marker of a finalised step
+
+
+def uncommitted_step_dirs(directory: str) -> list[str]:
+    """Step folders (``<digits>``) of ``directory`` that lack orbax's commit marker."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        e.path for e in os.scandir(directory)
+        if e.name.isdigit() and e.is_dir() and not os.path.exists(os.path.join(e.path, COMMIT_FILE))
+    )
+
+
+def _set_aside(path: str) -> str:
+    target = f"{path}.incomplete"
+    if os.path.exists(target):
+        target = f"{path}.incomplete-{time.time_ns()}"
+    os.replace(path, target)
+    log.warning("Checkpoint %s is incomplete (no %s); moved it to %s and ignore it.", path, COMMIT_FILE, target)
+    return target
 
 
 def _path_str(path) -> str:
@@ -52,11 +80,30 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if read_only and not os.path.isdir(self.directory):
             raise UserInputError(f"no checkpoint directory at {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._ignored: set[int] = set()
+        for path in uncommitted_step_dirs(self.directory):
+            if read_only:
+                log.warning("Ignoring incomplete checkpoint %s (no %s).", path, COMMIT_FILE)
+                self._ignored.add(int(os.path.basename(path)))
+            else:
+                _set_aside(path)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # orbax's own leftovers of a killed save
+        )
+        # Handlers named up front so that item_metadata() can describe a step before restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def all_steps(self) -> list[int]:
+        """The complete checkpoints' steps, ascending."""
+        return sorted(s for s in self.manager.all_steps() if s not in self._ignored)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self.manager.save(
@@ -71,7 +118,11 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any) -> Any:
         """Restores ``step`` into the structure, shapes and shardings of ``target`` (a state)."""
-        found = self.manager.item_metadata(step)["state"]
+        try:
+            found = self.manager.item_metadata(step)["state"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable metadata: restore() will tell
+            log.warning("Cannot read the metadata of checkpoint %s/%s: %s", self.directory, step, e)
+            found = None
         found_tree = getattr(found, "tree", found)
         if isinstance(found_tree, dict) and "params" in found_tree and hasattr(target, "params"):
             problem = describe_mismatch(target.params, found_tree["params"])
@@ -82,7 +133,7 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserInputError(f"checkpoint {self.directory}/{step} does not match the config: {e}") from e
         return out["state"]
 

@@ -33,6 +33,10 @@ from ssl_ad.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
+# Testing aid: seconds to sleep after every step, so that a test can kill or preempt a run of a
+# tiny model at a step of its choosing (tiny steps take milliseconds). Unset in real runs.
+STEP_DELAY_ENV = "SSL_AD_TEST_STEP_DELAY_S"
+
 
 class _StopRequest:
     """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
@@ -66,14 +70,16 @@ def check_workdir(workdir: str) -> None:
         raise UserInputError(f"workdir {workdir} is not writable")
 
 
-def _raise_if_diverged(state: TrainState) -> None:
+def _raise_if_diverged(state: TrainState, ckpt: Checkpointer) -> None:
     bad = int(jax.device_get(state.bad_step))
     if bad >= 0:
+        last_good = ckpt.latest_step()
         loss, gnorm = float(jax.device_get(state.bad_loss)), float(jax.device_get(state.bad_grad_norm))
         what = "loss" if not np.isfinite(loss) else "gradient norm"
+        kept = f"the last good one (step {last_good}) is kept" if last_good is not None else "there is no earlier one"
         raise DivergenceError(
             f"training diverged: non-finite {what} at step {bad} (loss={loss}, grad_norm={gnorm}); "
-            "no checkpoint of the diverged state was written, the last good one is kept"
+            f"no checkpoint of the diverged state was written, {kept}"
         )
 
 
@@ -102,7 +108,15 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     tx, schedules = make_optimizer(config.optim, config.total_steps, config.batch_size)
     schedules = {**schedules, **method.schedules()}
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    with _StopRequest() as stop:  # SIGTERM from here on: finish the step, save, stop (exit code 0)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+        try:
+            return _train(config, workdir, split, method, tx, schedules, mesh, ckpt, stop)
+        finally:
+            ckpt.close()  # waits for an in-flight (async) save, also when training stops with an error
+
+
+def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpointer, stop: _StopRequest) -> TrainState:
     latest = ckpt.latest_step()
     start_step = int(latest or 0)
 
@@ -118,7 +132,6 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
         log.info("Resumed from step %d in %s", latest, ckpt.directory)
     if start_step >= config.total_steps:
         log.info("Training already complete (step %d of %d); nothing to do.", start_step, config.total_steps)
-        ckpt.close()
         return state
 
     atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
@@ -136,28 +149,32 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             batch = next(it, None)
 
     step = start_step
+    delay = float(os.environ.get(STEP_DELAY_ENV, "") or 0.0)
     t_last, step_last = time.perf_counter(), step
     bar = tqdm(total=config.total_steps, initial=start_step, desc=f"{config.method} train", dynamic_ncols=True)
-    with _StopRequest() as stop:
+    try:
         for batch in _prefetch(device_batches(), 2):
             state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.total_steps:
-                _raise_if_diverged(state)
+                _raise_if_diverged(state, ckpt)
                 now = time.perf_counter()
                 row = _log_row(metrics, schedules, step, (step - step_last) * config.batch_size, now - t_last, step - step_last)
                 writer.write(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 t_last, step_last = now, step
             if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
-                _raise_if_diverged(state)
+                _raise_if_diverged(state, ckpt)
                 ckpt.save(step, state, _meta(config, step))
             if stop.requested:
                 log.warning("SIGTERM received: saved a checkpoint at step %d and stopping.", step)
                 break
-    bar.close()
-    ckpt.close()
+            if delay:
+                time.sleep(delay)
+    finally:
+        bar.close()
+    ckpt.wait()
     if step == config.total_steps:
         _write_figures(method, state, config, split, workdir)
     return state

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from ssl_ad.atomic import atomic_write_text
+
 
 class MetricsWriter:
     def __init__(self, path: str):
@@ -18,13 +20,23 @@ class MetricsWriter:
             f.write(json.dumps(row) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drops rows past ``step`` (left by a run that crashed after its last checkpoint)."""
+        """Drops rows past ``step`` (left by a run that crashed after its last checkpoint).
+
+        A torn last line (the process was killed while appending it) is dropped too.
+        The file is replaced atomically, so a crash here loses nothing.
+        """
         if not os.path.exists(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and int(row.get("step", step + 1)) <= step:
+                    keep.append(line.rstrip("\n") + "\n")
+        atomic_write_text(self.path, "".join(keep))
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
