@@ -9,7 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_ad.cli import run_guarded, setup_logging
+from ssl_ad.cli import parse_flags, run_guarded, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.", lock_config=True)
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where results.json/.csv, report.md, plots/ and features/ go.")
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -8,7 +8,7 @@ Running it again on the same workdir resumes from the latest checkpoint.
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_ad.cli import run_guarded, setup_logging
+from ssl_ad.cli import parse_flags, run_guarded, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and metrics.jsonl go.")
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
