@@ -125,8 +125,9 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
     )
     first = next(batches, None)
     init_batch = first if first is not None else next(train_batches(config, split, 0))
-    state = create_train_state(method, tx, jax.random.key(config.seed), sharding.shard_batch(init_batch, mesh))
-    state = sharding.replicate(state, mesh)
+    # Jitted init builds the state directly replicated on every device (eager init runs op by op).
+    init = jax.jit(lambda key, b: create_train_state(method, tx, key, b), out_shardings=sharding.replicated(mesh))
+    state = init(jax.random.key(config.seed), sharding.shard_batch(init_batch, mesh))
     if latest is not None:
         state = ckpt.restore(latest, state)
         log.info("Resumed from step %d in %s", latest, ckpt.directory)
