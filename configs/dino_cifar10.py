@@ -1,0 +1,46 @@
+"""DINO ViT-Ti/4 on CIFAR-10 at 32 px, 2x32 + 6x16 crops (for an accelerator; needs cifar10 prepared)."""
+
+from ssl_ad.config_defaults import base_config, dino_block, multicrop_data
+
+TRAIN_IMAGES = 50_000
+BATCH = 256
+EPOCH = TRAIN_IMAGES // BATCH
+EPOCHS = 200
+
+
+def get_config():
+    c = base_config()
+    c.method = "dino"
+    c.batch_size = BATCH
+    c.total_steps = EPOCHS * EPOCH
+    c.checkpoint_every = 10 * EPOCH
+    c.log_every = 50
+    c.model.image_size = 32
+    c.model.patch_size = 4
+    c.model.width, c.model.depth, c.model.num_heads = 192, 12, 3  # ViT-Ti
+    c.model.drop_path_rate = 0.1
+
+    c.data.name = "cifar10"
+    multicrop_data(c.data)
+    c.data.global_size = 32
+    c.data.global_scale = (0.4, 1.0)
+    c.data.local_size = 16
+    c.data.local_scale = (0.05, 0.4)
+    c.data.num_local = 6
+    c.data.blur_sigma = (0.1, 1.0)  # pixels, scaled down for 32 px images
+    c.data.mean = (0.4914, 0.4822, 0.4465)
+    c.data.std = (0.2470, 0.2435, 0.2616)
+
+    c.optim.base_lr = 5e-4
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_steps = 10 * EPOCH
+    c.optim.b1, c.optim.b2 = 0.9, 0.999
+    c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
+    c.optim.clip_norm = 3.0
+    c.optim.freeze_patterns = ("last_layer",)
+    c.optim.freeze_steps = EPOCH
+
+    c.dino = dino_block()
+    c.dino.out_dim = 8192
+    c.dino.warmup_teacher_temp_steps = 30 * EPOCH
+    return c
