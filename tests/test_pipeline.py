@@ -60,3 +60,18 @@ def test_preprocess_eval_resizes_and_normalises():
     out = preprocess_eval(images, 32, (0.5,) * 3, (0.5,) * 3)
     assert out.shape == (3, 32, 32, 3)
     np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+def test_multicrop_with_every_dino_augmentation(data_dir):
+    """The paper's recipe (blur, solarise, jitter, grayscale all on) yields the crop shapes."""
+    from configs import dino_mnist5k
+    from ssl_ad.config_defaults import multicrop_data
+
+    c = dino_mnist5k.get_config()
+    c.data.data_dir = data_dir
+    multicrop_data(c.data)
+    c.data.global_size, c.data.local_size, c.data.num_local = 28, 12, 3
+    c.total_steps, c.batch_size = 2, 4
+    batch = next(train_batches(c, load_split(c.data, "test"), 0))
+    assert batch["global"].shape == (4, 2, 28, 28, 3) and batch["local"].shape == (4, 3, 12, 12, 3)
+    assert np.isfinite(batch["global"]).all() and np.isfinite(batch["local"]).all()

@@ -44,7 +44,8 @@ def random_resized_crop(
         use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, crop_size)
-    return tf.clip_by_value(tf.image.resize(crop, [size, size], method="bicubic"), 0.0, 1.0)
+    out = tf.clip_by_value(tf.image.resize(crop, [size, size], method="bicubic"), 0.0, 1.0)
+    return tf.ensure_shape(out, [size, size, image.shape[-1]])  # tf.slice loses the static channel count
 
 
 def maybe_flip(image: tf.Tensor, seed: tf.Tensor, enabled: bool) -> tf.Tensor:
