@@ -1,17 +1,21 @@
-"""The DINO paper's ViT-S/16 recipe at 224 px (Caron et al., 2021): 100 epochs, batch 1024.
+"""The DINO paper's ViT-S/16 pretraining recipe at 224 px (Caron et al., 2021), 100 epochs.
 
-2 x 224 global crops (scale 0.4-1) + 8 x 96 local crops (0.05-0.4), out_dim 65536, lr 5e-4 x bs/256
-with 10 warm-up epochs, teacher temperature 0.04 -> 0.07 over 30 epochs, momentum 0.996 -> 1,
-weight decay 0.04 -> 0.4, clipping 3.0, last layer frozen for the first epoch, drop path 0.1.
-Point data.data_dir at an image-folder tree (root/train/<class>/*); the split is held in host
-memory at data.load_size (see configs/mae_vitb16_224.py for the limit that implies).
+Batch 1024, lr 0.0005 * 1024 / 256 with a 10-epoch warm-up then cosine to 1e-6, AdamW with
+weight decay 0.04 -> 0.4 (cosine), clipping 3.0, last layer frozen for the first epoch, drop
+path 0.1; 2 global 224 px crops (scale 0.4-1) + 8 local 96 px crops (scale 0.05-0.4);
+head 2048-2048-256 -> 65536; teacher temperature 0.04 -> 0.07 over 30 epochs; teacher momentum
+0.996 -> 1 (cosine); centre momentum 0.9.
+Point data.data_dir at an ImageNet-style tree (root/train/<class>/*). The training pipeline
+holds the decoded split in host memory at data.load_size (see configs/mae_vitb16_224.py).
+Differences from the PyTorch original: gradients are clipped by their global norm rather
+than per parameter tensor, and bfloat16 replaces float16 autocast.
 """
 
 from ssl_ad.config_defaults import base_config, dino_block, multicrop_data
 
 IMAGES = 1_281_167
 BATCH = 1024
-EPOCH = IMAGES // BATCH
+EPOCH = IMAGES // BATCH  # 1251 steps
 EPOCHS = 100
 
 
@@ -20,20 +24,21 @@ def get_config():
     c.method = "dino"
     c.batch_size = BATCH
     c.total_steps = EPOCHS * EPOCH
-    c.checkpoint_every = 2 * EPOCH
+    c.checkpoint_every = 5000
     c.log_every = 100
     c.model.image_size = 224
     c.model.patch_size = 16
     c.model.width, c.model.depth, c.model.num_heads = 384, 12, 6  # ViT-S
+    c.model.posemb = "learned"
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"
 
     c.data.name = "image_folder"
-    c.data.data_dir = ""  # set to the image-folder root
+    c.data.data_dir = ""  # set to the ImageNet root
     c.data.load_size = 256
-    multicrop_data(c.data)
+    multicrop_data(c.data)  # the paper's multi-crop values: 2x224 (0.4, 1) + 8x96 (0.05, 0.4)
 
-    c.optim.base_lr = 5e-4
+    c.optim.base_lr = 5e-4  # lr = 5e-4 * 1024 / 256 = 2e-3
     c.optim.min_lr = 1e-6
     c.optim.warmup_steps = 10 * EPOCH
     c.optim.b1, c.optim.b2 = 0.9, 0.999
@@ -42,6 +47,10 @@ def get_config():
     c.optim.freeze_patterns = ("last_layer",)
     c.optim.freeze_steps = EPOCH
 
-    c.dino = dino_block()
+    c.dino = dino_block()  # out_dim 65536, hidden 2048, bottleneck 256, 3 layers, norm_last_layer
+    c.dino.warmup_teacher_temp = 0.04
+    c.dino.teacher_temp = 0.07
     c.dino.warmup_teacher_temp_steps = 30 * EPOCH
+    c.dino.momentum_teacher = 0.996
+    c.dino.center_momentum = 0.9
     return c

@@ -41,7 +41,7 @@ def tiny_dino_config(data_dir: str = "", **overrides):
     c.dino.bottleneck_dim = 32
     c.optim.warmup_steps = 5
     c.optim.freeze_steps = 5
-    c.dino.warmup_teacher_temp_steps = 10
+    c.dino.momentum_teacher = 0.996
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
@@ -120,7 +120,7 @@ def test_center_update_by_hand():
 
 def test_schedules_hit_their_endpoints():
     c = tiny_dino_config(total_steps=100)
-    c.dino.warmup_teacher_temp_steps = 30
+    c.dino.warmup_teacher_temp, c.dino.teacher_temp, c.dino.warmup_teacher_temp_steps = 0.04, 0.07, 30
     method = DINO(c)
     sched = method.schedules()
     assert set(sched) == {"teacher_temp", "momentum"}
@@ -169,7 +169,7 @@ def test_teacher_moves_only_by_ema_and_last_layer_freezes(tiny_setup):
     last = lambda s: np.asarray(s.params["head"]["last_layer"]["kernel"])  # noqa: E731
     s, lasts = state, [last(state)]
     for i in range(c.optim.freeze_steps + 1):
-        old_teacher = jax.device_get(s.extra["teacher"])
+        old_teacher, old_center = jax.device_get((s.extra["teacher"], s.extra["center"]))
         s, metrics = step_fn(s, batch)
         lasts.append(last(s))
         if i == 1:  # (step 0 has lr 0: the warm-up starts at 0)
@@ -178,6 +178,10 @@ def test_teacher_moves_only_by_ema_and_last_layer_freezes(tiny_setup):
             expected = optax.incremental_update(jax.device_get(s.params), old_teacher, 1.0 - m)
             for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(s.extra["teacher"])):
                 np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-8)
+            # The centre: EMA (0.9) of the old teacher's mean logits over both global crops.
+            t = np.asarray(method.teacher_logits(old_teacher, batch))
+            expected_center = 0.9 * old_center + 0.1 * t.reshape(-1, t.shape[-1]).mean(0)
+            np.testing.assert_allclose(s.extra["center"], expected_center, rtol=1e-5, atol=1e-6)
             # The student moved, and the teacher moved by ~0.4% of that.
             moved = lambda t: np.abs(np.asarray(t["backbone"]["patch_embed"]["kernel"]) - np.asarray(  # noqa: E731
                 state.params["backbone"]["patch_embed"]["kernel"])).max()
@@ -204,11 +208,13 @@ def test_tiny_training_lowers_loss_without_collapse(dino_runs):
     c, root, _, _ = dino_runs
     rows = read_metrics(str(root / "a" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(5, 45, 5))
-    assert {"loss", "teacher_entropy", "kl_mean_teacher", "teacher_mean_entropy", "teacher_temp", "momentum", "lr", "wd"} <= set(rows[0])
+    logged = {"loss", "teacher_entropy", "kl_mean_teacher", "teacher_mean_entropy", "teacher_temp", "momentum", "lr", "wd"}
+    assert logged <= set(rows[0])
     early = np.mean([r["loss"] for r in rows[:2]])
     late = np.mean([r["loss"] for r in rows[-2:]])
-    summary = [(r["step"], round(r["loss"], 3), round(r["teacher_entropy"], 3), round(r["teacher_mean_entropy"], 3)) for r in rows]
-    assert late < early - 0.05, f"loss did not fall: (step, loss, H(p_t), H(mean p_t)) = {summary}"
+    keys = ("step", "loss", "teacher_entropy", "teacher_mean_entropy")
+    summary = [tuple(round(r[k], 3) for k in keys) for r in rows]
+    assert late < early - 0.2, f"loss did not fall: (step, loss, H(p_t), H(mean p_t)) = {summary}"
     # Not collapsed to uniform: per-sample teacher distributions stay clearly sharper than uniform.
     # Not collapsed to one dimension: the batch-mean teacher distribution keeps a high entropy.
     log_k = math.log(c.dino.out_dim)
@@ -225,3 +231,25 @@ def test_resume_is_bit_identical(dino_runs):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)  # teacher, centre, student, optimiser: exact on CPU
     assert read_metrics(str(root / "b" / "metrics.jsonl"))[0]["step"] == 25
+
+
+@pytest.mark.parametrize("name", ["dino_mnist5k", "dino_cifar10", "dino_vits16_224"])
+def test_shipped_configs_build_and_trace(name):
+    """Each DINO config builds its method and traces init + loss on its crop shapes (no compute)."""
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert c.method == "dino" and c.data.augment == "multicrop"
+    assert c.data.global_size == c.model.image_size
+    assert c.optim.freeze_patterns == ("last_layer",) and c.optim.freeze_steps > 0
+    method = build_method(c)
+    g, l, n = c.data.global_size, c.data.local_size, c.data.num_local
+    batch = {
+        "global": jax.ShapeDtypeStruct((2, 2, g, g, 3), jnp.float32),
+        "local": jax.ShapeDtypeStruct((2, n, l, l, 3), jnp.float32),
+    }
+    params, extra = jax.eval_shape(method.init, jax.random.key(0), batch)
+    assert extra["center"].shape == (c.dino.out_dim,)
+    assert params["head"]["last_layer"]["kernel"].shape == (c.dino.bottleneck_dim, c.dino.out_dim)
+    loss, aux = jax.eval_shape(method.loss, params, extra, batch, jax.random.key(1), jnp.asarray(0))
+    assert loss.shape == () and aux["teacher_batch_mean"].shape == (c.dino.out_dim,)

@@ -243,3 +243,18 @@ def test_mae_recon_scorer_matches_formula_and_fits_on_train_only() -> None:
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(is_anomaly, scorer.score(test)) > 0.95
+
+
+def test_cosine_knn_with_pca_keeps_a_tight_normal_class_normal() -> None:
+    """Centring on one class's mean before cosine would put its own points in random
+    directions and score them as anomalous; the uncentred projection must not."""
+    rng = np.random.default_rng(0)
+    normal_dir, other_dir = np.zeros(50), np.zeros(50)
+    normal_dir[0], other_dir[1] = 10.0, 10.0
+    train = normal_dir + rng.normal(0, 0.5, size=(300, 50))
+    test = np.concatenate([normal_dir + rng.normal(0, 0.5, size=(100, 50)), other_dir + rng.normal(0, 0.5, size=(100, 50))])
+    is_anomaly = np.r_[np.zeros(100), np.ones(100)]
+    from sklearn.metrics import roc_auc_score
+
+    scores = sc.KNNScorer(k=2, metric="cosine", pca_dims=10).fit(train).score(test)
+    assert roc_auc_score(is_anomaly, scores) > 0.99

@@ -509,6 +509,17 @@ class KNNScorer(Scorer):
         self.pca_dims = pca_dims
         self.seed = seed
 
+    def _reduce(self, x: np.ndarray) -> np.ndarray:
+        """PCA projection; for cosine WITHOUT centring on the training mean.
+
+        Cosine compares directions from the origin. After centring on one class's mean its own
+        test points sit near the origin in random directions, so a tight normal class would score
+        as anomalous (AUROC below chance); projecting onto the principal axes keeps the angles.
+        """
+        if self._pca is not None and self.metric == "cosine":
+            return x @ self._pca.components_.T
+        return _project(self._pca, x)
+
     def _prepare(self, z: np.ndarray) -> np.ndarray:
         """Cosine: unit-normalise rows. L2: centre on the train mean (less cancellation)."""
         if self.metric == "cosine":
@@ -520,7 +531,7 @@ class KNNScorer(Scorer):
         if x.shape[0] < self.k:
             raise ValueError(f"k={self.k} exceeds the number of training samples {x.shape[0]}.")
         self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
-        z = _project(self._pca, x)
+        z = self._reduce(x)
         self._center = z.mean(axis=0)
         t = self._prepare(z)
         chunk_t = min(self.train_chunk_size, t.shape[0])
@@ -531,7 +542,7 @@ class KNNScorer(Scorer):
         self._train_valid = jnp.asarray(valid.reshape(n_chunks, chunk_t))
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        q = self._prepare(_project(self._pca, x))
+        q = self._prepare(self._reduce(x))
         n = q.shape[0]
         chunk_q = min(self.chunk_size, n)
         padded = _pad_rows(q, chunk_q)

@@ -222,13 +222,16 @@ class DINO:
         t = self.teacher_logits(extra["teacher"], batch)
         loss = dino_loss(s, t, extra["center"], self.student_temp, temp)
         stats = distribution_stats(teacher_probs(t, extra["center"], temp))
-        aux = {"metrics": {"loss": loss, **stats}, "teacher_logits": t}
+        # Only the batch mean of the teacher's logits feeds the centre update (mean over the
+        # global batch: see update_center).
+        batch_mean = t.reshape(-1, t.shape[-1]).mean(axis=0)
+        aux = {"metrics": {"loss": loss, **stats}, "teacher_batch_mean": batch_mean}
         return loss, aux
 
     def update_extra(self, extra, params, aux, step):
         m = self.momentum(step)
         teacher = optax.incremental_update(new_tensors=params, old_tensors=extra["teacher"], step_size=1.0 - m)
-        center = update_center(extra["center"], aux["teacher_logits"], self.center_momentum)
+        center = update_center(extra["center"], aux["teacher_batch_mean"][None, None], self.center_momentum)
         return {"teacher": teacher, "center": center}
 
     def encoder_params(self, params, extra, which: str = "default"):
