@@ -41,6 +41,11 @@ def tiny_mae_config(data_dir: str, **overrides):
     c.mae.decoder_width = 32
     c.mae.decoder_heads = 2
     c.optim.warmup_steps = 5
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict):
+    """Sets dotted keys ('model.width': 32) on a ConfigDict, as --config.KEY=VALUE would."""
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

@@ -20,6 +20,7 @@ from ssl_ad.train.metrics_log import read_metrics  # noqa: E402
 from ssl_ad.train.optim import make_optimizer  # noqa: E402
 from ssl_ad.train.state import create_train_state  # noqa: E402
 from ssl_ad.train.step import make_train_step  # noqa: E402
+from tests.conftest import apply_overrides  # noqa: E402
 
 
 def tiny_dino_config(data_dir: str = "", **overrides):
@@ -42,13 +43,7 @@ def tiny_dino_config(data_dir: str = "", **overrides):
     c.optim.warmup_steps = 5
     c.optim.freeze_steps = 5
     c.dino.momentum_teacher = 0.996
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def _random_batch(c, batch=4, seed=0):
