@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNS ?= runs
 REPORTS ?= reports
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest tests
+
+# The linter CI runs before the tests (rules in pyproject.toml).
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(RUNS) $(REPORTS)

@@ -127,7 +127,7 @@ TRAINED = {{}}  # method name -> (method, tx, host state after STEPS steps)
 def sharded_vs_one(method_name):
     c = tiny_config(method_name)
     method = build_method(c)
-    tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size)
+    tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size, method=c.method)
     batches = pipeline_batches(method_name, STEPS)
     state0 = jax.device_get(init_state(method, tx, c.seed, batches[0]))
     res = {{}}
@@ -253,7 +253,7 @@ def test_checkpoint_of_state_on_two_devices_round_trips_bit_exactly(four_devices
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_host_shards_are_disjoint_and_complete(process_count):
     """Each host's batches (the real pipeline) are its contiguous slice of the 1-process batches."""
-    n, batch, steps, seed = 24, 8, 6, 5  # 48 positions = 2 epochs; steps 2 and 5 end an epoch
+    n, batch, steps, _seed = 24, 8, 6, 5  # 48 positions = 2 epochs; steps 2 and 5 end an epoch
     # Constant images whose value is the example index survive crop, resize and flip unchanged.
     images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None] * 10, (n, 12, 12, 1)).copy()
     split = ImageSplit("ids", "train", images, np.zeros(n, np.int64), ["x"])
@@ -319,7 +319,7 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_params(method_name):
     c = tiny_config(method_name)
     c.model.dtype = "bfloat16"
     method = build_method(c)
-    tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size)
+    tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size, method=c.method)
     batch = pipeline_batches(method_name)[0]
     state = init_state(method, tx, 0, batch)
     assert _dtypes((state.params, state.opt_state, state.extra)) == {"float32"}
@@ -345,7 +345,7 @@ def test_remat_gives_the_same_loss_and_gradients(method_name):
         c.model.remat = remat
         c.model.drop_path_rate = 0.2  # stochastic depth must draw the same masks when recomputed
         method = build_method(c)
-        tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size)
+        tx, _ = make_optimizer(c.optim, c.total_steps, c.batch_size, method=c.method)
         batch = pipeline_batches(method_name)[0]
         state = init_state(method, tx, 0, batch)
 
