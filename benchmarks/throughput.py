@@ -145,7 +145,7 @@ def bench_training(
     batch = sharding.shard_batch(host_batch, mesh)
 
     method = build_method(config)
-    tx, _ = make_optimizer(config.optim, config.total_steps, batch_size)
+    tx, _ = make_optimizer(config.optim, config.total_steps, batch_size, method=config.method)
     state = sharding.replicate(create_train_state(method, tx, jax.random.key(config.seed), batch), mesh)
     param_dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(state.params)})
     n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))

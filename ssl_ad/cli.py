@@ -19,6 +19,12 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Exit codes of the entry points: 0 success; 2 a user mistake (UserInputError); 3 training diverged
+# (DivergenceError); 4 evaluate.py finished and wrote its results, but some part failed (a scorer on
+# a round, a plot, the pixel maps): listed in results.json meta.failures and report.md.
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PARTIAL_FAILURE = 2, 3, 4
+
+
 def run_guarded(fn: Callable[[], object]) -> None:
     """Runs ``fn``; a UserInputError or DivergenceError becomes one message on stderr and exit code 2 / 3."""
     try:

@@ -8,6 +8,8 @@ the method's own block (mae.* or dino.*).
 
 from __future__ import annotations
 
+import contextlib
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.model.remat = False
     c.model.dtype = "float32"
+    # Follow the PyTorch reference of the training method (see ssl_ad.models.vit); the values
+    # ssl_ad used before these keys existed are in LEGACY_MODEL_KEYS.
+    c.model.init = "reference"  # 'reference' (the method's rule) | 'dino' | 'mae' | 'xavier_legacy'
+    c.model.posemb_interpolation = "torch_bicubic"  # other crop sizes: DINO's rule | 'antialiased'
+    c.model.cls_pos = "reference"  # learned for posemb='learned' (DINO), zero for 'sincos' (MAE) | 'learned' | 'zero'
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -45,9 +52,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.download = False
     c.data.max_per_class = 0
-    c.data.load_size = 0  # resize+centre-crop images to this side on load (0 = native size)
+    c.data.load_size = 0  # make images load_size x load_size on load, by resize_mode (0 = native size)
+    # 'crop' (shorter side to load_size, centre square kept; warns when > 20 % of an image is lost) |
+    # 'pad' (longer side to load_size, letterboxed on black) | 'stretch' (aspect ratio ignored)
+    c.data.resize_mode = "crop"
+    # Pillow's decompression-bomb limit while decoding (PIL.Image.MAX_IMAGE_PIXELS: refuses images over
+    # twice it); Pillow's default, 0 = no limit
+    c.data.max_image_pixels = 89_478_485
     c.data.augment = "single"
     c.data.crop_scale = (0.2, 1.0)
+    # RandomResizedCrop as the reference code (torchvision, used by DINO and MAE) does it:
+    # 'torchvision' (area uniform in the scale range, log-uniform aspect ratio, 10 tries, centre-crop
+    # fallback) or 'tf_bounding_box' (ssl_ad's earlier tf.image.sample_distorted_bounding_box sampler).
+    c.data.crop_sampler = "torchvision"
+    # Bicubic resize of the crops with antialiasing (as PIL's, used by the reference code); False =
+    # ssl_ad's earlier non-antialiased tf bicubic.
+    c.data.resize_antialias = True
     c.data.hflip = True
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
@@ -62,9 +82,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.05
     c.optim.weight_decay_end = 0.05  # cosine from weight_decay to this
     c.optim.clip_norm = 0.0  # 0 = no clipping
+    # 'reference': as the method's original (DINO utils.clip_gradients clips each tensor's norm,
+    # MAE's clip_grad_norm_ the global norm) | 'per_tensor' | 'global'
+    c.optim.clip_mode = "reference"
+    # Parameter paths containing any of these get no weight decay, besides the reference rule's
+    # biases and 1-d parameters (which DINO and MAE both exempt). () = the reference: position
+    # embedding, CLS and mask tokens are decayed; ssl_ad's former rule was
+    # ("pos_embed", "cls_token", "cls_pos", "mask_token").
+    c.optim.weight_decay_exclude = ()
     c.optim.freeze_patterns = ()  # parameter paths containing any of these ...
-    c.optim.freeze_steps = 0  # ... get no update for this many steps
+    # ... get no update, no weight decay and no Adam moment/count update for this many steps
+    # (DINO's cancel_gradients_last_layer: PyTorch AdamW skips parameters whose grad is None)
+    c.optim.freeze_steps = 0
     return c
+
+
+# What a model block saved before ``model.init``/``posemb_interpolation``/``cls_pos`` existed meant:
+# one xavier rule for both methods, antialiased jax.image.resize, a learned cls_pos parameter.
+LEGACY_MODEL_KEYS = {"init": "xavier_legacy", "posemb_interpolation": "antialiased", "cls_pos": "learned"}
+
+
+def fill_legacy_model_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds LEGACY_MODEL_KEYS missing from a saved config's ``model`` block (in place; returns it),
+    so checkpoints written before those keys rebuild the model they were trained with."""
+    model = config.get("model")
+    if model is not None:
+        with model.unlocked() if hasattr(model, "unlocked") else contextlib.nullcontext():
+            for key, value in LEGACY_MODEL_KEYS.items():
+                if key not in model:
+                    model[key] = value
+    return config
 
 
 def mae_block() -> ml_collections.ConfigDict:
@@ -88,9 +135,15 @@ def eval_config() -> ml_collections.ConfigDict:
     c.l2_normalize = False
     c.batch_size = 256
     c.seed = 0
+    # 'leave_one_class_out', 'one_class', 'good_vs_defect' (class normal_class normal, the rest,
+    # test-only classes too, anomalous), 'mvtec', 'mvtec_study'; unscoreable rounds are skipped.
     c.protocols = "leave_one_class_out,one_class"
+    c.normal_class = "good"  # the normal class of 'good_vs_defect'
     c.scorers = "knn,mahalanobis,kmeans,gmm_kmeans,gmm,mae_recon"
     c.pca_dims = 100  # PCA (fit on each round's training normals) before every feature scorer; 0 = none
+    # Residual norm (distance from the PCA subspace) kept as one more dimension: 'auto' = when a
+    # round's normals are too few (pca_dims >= n - 1), 'always', or 'never' (plain PCA).
+    c.pca_residual = "auto"
     c.max_train_per_round = 0  # 0 = all training normals
     c.roc_scorer = "knn"  # ROC-curve plots are drawn for this scorer (and for mae_recon)
     c.tsne_points = 1000  # 0 = no t-SNE maps
@@ -123,6 +176,8 @@ def eval_config() -> ml_collections.ConfigDict:
     c.data.download = False
     c.data.max_per_class = 0
     c.data.load_size = 0
+    c.data.resize_mode = "crop"  # 'crop' | 'pad' | 'stretch' (see base_config)
+    c.data.max_image_pixels = 89_478_485  # Pillow's decompression-bomb limit (see base_config); 0 = none
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
 
@@ -161,6 +216,9 @@ def multicrop_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     data.solarize_p = 0.2  # global view 2 only
     data.color_jitter_p = 0.8
     data.color_jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    # 'torchvision' (ColorJitter: multiplicative brightness, grayscale-mean contrast, random order
+    # of the four, clamp after each) or 'additive_brightness' (ssl_ad's earlier tf.image jitter).
+    data.color_jitter_impl = "torchvision"
     data.grayscale_p = 0.2
     data.blur_sigma = (0.1, 2.0)
     data.hflip = True

@@ -17,7 +17,8 @@ The layout mapping (PyTorch -> ssl_ad.models.vit.ViT):
 * ``patch_embed.proj.weight`` (D, 3, p, p) -> ``patch_embed/kernel`` (p, p, 3, D).
 * ``pos_embed`` (1, 1+N, D): the CLS position -> ``cls_pos``, the N patch positions ->
   ``pos_embed`` (or the fixed ``posemb='sincos'`` when they equal MAE's sine-cosine
-  table, which is then recomputed exactly at any image size). At another
+  table with its zero CLS row, which is then recomputed exactly at any image size, with
+  ``model.cls_pos='zero'``: no ``cls_pos`` parameter, as MAE's reference). At another
   ``--image_size`` learned positions are resized bicubically with antialiasing, the
   same as timm's ``resample_abs_pos_embed`` (``jax.image.resize`` == ``F.interpolate(
   mode='bicubic', antialias=True)``; DINO's own ``interpolate_pos_encoding`` uses no
@@ -314,7 +315,7 @@ class _Mapper:
 def _resize_patch_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
     from ssl_ad.models.vit import resize_posemb
 
-    return np.asarray(resize_posemb(posemb, new_grid), np.float32)
+    return np.asarray(resize_posemb(posemb, new_grid, method="antialiased"), np.float32)
 
 
 def convert_state_dict(
@@ -453,6 +454,7 @@ def convert_state_dict(
         notes.append(f"ignored {len(ignored)} head keys: {', '.join(ignored[:6])}{' ...' if len(ignored) > 6 else ''}")
     if chosen == "sincos":
         enc.pop("pos_embed", None)
+        enc.pop("cls_pos", None)  # MAE's fixed zero CLS row (checked above): model.cls_pos='zero'
     params: dict[str, Any] = {"encoder": enc}
     if dec is not None:
         params["decoder"] = dec
@@ -487,6 +489,7 @@ def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = 
     c.model.mlp_ratio = conv.spec.mlp_ratio
     c.model.use_cls = True
     c.model.posemb = conv.posemb
+    c.model.cls_pos = "zero" if conv.posemb == "sincos" else "learned"
     # The weights were pretrained on ImageNet-1k with its mean/std (base_config's default),
     # which is what evaluation normalises images with.
     c.data.name = "image_folder"

@@ -71,7 +71,62 @@ def test_unknown_protocol_raises() -> None:
 def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="outside"):
         pr.make_rounds("one_class", TRAIN, TEST, CLASSES[:2])
-    with pytest.raises(ValueError, match="both normal and anomalous"):
-        pr.make_rounds("leave_one_class_out", TRAIN, np.array([0, 1, 1]), CLASSES)
+    with pytest.raises(ValueError, match="no round of protocol 'leave_one_class_out' can be scored"):
+        pr.make_rounds("leave_one_class_out", TRAIN, np.array([1, 1, 1]), CLASSES)
     with pytest.raises(ValueError, match="max_train_per_round"):
         pr.make_rounds("one_class", TRAIN, TEST, CLASSES, max_train_per_round=0)
+
+
+def test_unscoreable_rounds_are_skipped_with_the_class_and_reason() -> None:
+    """'fox' has train images but no test images; 'cat' has test images but no train images."""
+    train, test = np.array([1, 2, 1, 2, 2]), np.array([0, 1, 0, 1])
+    skipped: dict[str, str] = {}
+    rounds = pr.make_rounds("one_class", train, test, CLASSES, skipped=skipped)
+    assert [r.name for r in rounds] == ["dog"]
+    np.testing.assert_array_equal(rounds[0].test_is_anomaly, test != 1)
+    assert skipped == {
+        "cat": "Round 'cat': no training normals (no train image is normal in this round).",
+        "fox": "Round 'fox': the test split needs both normal and anomalous images; it has 0 normal and 4 anomalous.",
+    }
+    skipped = {}
+    rounds = pr.make_rounds("leave_one_class_out", train, test, CLASSES, skipped=skipped)
+    assert [r.name for r in rounds] == ["cat", "dog"]
+    np.testing.assert_array_equal(rounds[0].train_idx, np.arange(5))
+    assert list(skipped) == ["fox"] and "4 normal and 0 anomalous" in skipped["fox"]
+
+
+def test_good_vs_defect_protocol_allows_test_only_defect_classes() -> None:
+    names = ["good", "scratch", "dent"]
+    train, test = np.array([0, 0, 0, 0]), np.array([1, 0, 2, 0, 1])
+    (r,) = pr.make_rounds("good_vs_defect", train, test, names, max_train_per_round=3, seed=1)
+    assert r.name == "good" and len(r.train_idx) == 3 and set(r.train_idx) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(r.test_is_anomaly, [True, False, True, False, True])
+    (r,) = pr.make_rounds("good_vs_defect", np.array([1, 1]), test, names, normal_class="scratch")
+    assert r.name == "scratch" and r.train_idx.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="class named 'ok'.*'good', 'scratch', 'dent'"):
+        pr.make_rounds("good_vs_defect", train, test, names, normal_class="ok")
+    with pytest.raises(ValueError, match="no round of protocol 'good_vs_defect'.*0 anomalous"):
+        pr.make_rounds("good_vs_defect", train, np.array([0, 0]), names)
+
+
+def test_mvtec_category_without_test_images_is_skipped() -> None:
+    cats = ["bottle", "cable", "wood"]
+    train, test = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 1])
+    anomalous = np.array([False, True, False, True])
+    skipped: dict[str, str] = {}
+    rounds = pr.mvtec_rounds(train, test, anomalous, cats, True, "mvtec", skipped=skipped)
+    assert [r.name for r in rounds] == ["bottle", "cable"] and list(skipped) == ["wood"]
+    assert "0 normal and 0 anomalous" in skipped["wood"]
+
+
+def test_every_protocol_name_in_the_readme_is_accepted() -> None:
+    import re
+
+    from tests.conftest import REPO
+
+    with open(f"{REPO}/README.md") as f:
+        readme = f.read()
+    section = readme[readme.index("## Evaluate"):]
+    section = section[: section.index("\n## ", 4)]
+    named = set(re.findall(r"`([a-z_]+)`", section[section.index("Protocols"):section.index("Scorers")]))
+    assert named == set(pr.PROTOCOLS) | set(pr.MVTEC_VARIANTS)

@@ -26,7 +26,8 @@ from ssl_ad.data.sources import ImageSplit
 from ssl_ad.errors import UserInputError
 from ssl_ad.evaluation import report
 from ssl_ad.evaluation.embedding import load_checkpoint
-from ssl_ad.evaluation.runner import FeatureBuilder, run_evaluation
+from ssl_ad.evaluation.features import FeatureBuilder
+from ssl_ad.evaluation.runner import run_evaluation
 from ssl_ad.train.checkpointing import Checkpointer
 from ssl_ad.train.loop import STEP_DELAY_ENV, train_and_evaluate
 from ssl_ad.train.metrics_log import read_metrics
@@ -264,7 +265,8 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_pat
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.fullmatch(
-        r"error: training diverged: non-finite loss at step 12 \(loss=nan, grad_norm=\S+\); no checkpoint of the "
+        r"error: training diverged: non-finite loss in step 12 \(the update from step 11 to 12; loss=nan, "
+        r"grad_norm=\S+\); no checkpoint of the "
         r"diverged state was written, the last good one \(step 10\) is kept", errors[0]), errors
     assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]  # complete, nothing at/after 12
@@ -324,14 +326,20 @@ def test_bad_training_input_is_one_clear_message_and_writes_nothing(trained_work
         ({"data.name": "image_folder", "data.data_dir": str(root / "corrupt")}, "cannot decode image", bad_image),
         ({"data.name": "image_folder", "data.data_dir": str(root / "empty")}, "has no images", empty_class),
         ({"data.train_split": "validation"}, "has no split 'validation'", "'train'"),
-        ({"model.width": 48, "total_steps": 60}, "does not match the config's model", "config gives shape"),
+        ({"model.width": 48, "total_steps": 60}, "with a different config: model.width: 32 -> 48.",
+         "--allow_config_change=model.width"),
     ]
     for overrides, *expected in cases:
         message = guarded_error(lambda o=overrides: train_and_evaluate(make_config("mae", data_dir, **o), trained_workdir), capfd)
         for text in expected:
             assert text in message, (overrides, message)
         assert snapshot(trained_workdir) == before, overrides
-    # the shape mismatch names parameters: e.g. "encoder/.../kernel: config gives shape (..., 48), checkpoint has (..., 32)"
+    # allowed anyway, the shape mismatch names parameters: e.g. "encoder/.../kernel: config gives shape (..., 48),
+    # checkpoint has (..., 32)"
+    message = guarded_error(lambda: train_and_evaluate(make_config("mae", data_dir, **{"model.width": 48}),
+                                                       trained_workdir, allow_config_change="all"), capfd)
+    assert "does not match the config's model" in message
+    assert snapshot(trained_workdir) == before
     assert "kernel: config gives shape" in message and "48" in message and "32" in message
 
     blocker = os.path.join(trained_workdir, "config.json")

@@ -117,6 +117,37 @@ def test_report_md(tmp_path: Path) -> None:
     assert ssl_ad.__version__ in md
 
 
+def test_failed_and_skipped_rounds_and_nan_means_in_every_writer(tmp_path: Path) -> None:
+    partly = _row("pixels", "knn", per_round={"cat": 0.9}, mean_auroc=0.9, std_auroc=0.0,
+                  failed_rounds={"dog": "LinAlgError: singular"}, skipped_rounds={"fox": "Round 'fox': no test images"})
+    none = _row("pixels", "gmm", per_round={}, mean_auroc=float("nan"), std_auroc=np.float64("nan"),
+                mean_aupr=float("nan"), failed_rounds={"cat": "ValueError: a", "dog": "ValueError: b"})
+    rows = [partly, none]
+    meta = {**META, "failures": [{"stage": "plot", "what": "tsne_pixels", "reason": "ValueError: too few"}],
+            "skipped_rounds": {"leave_one_class_out": {"fox": "Round 'fox': no test images"}},
+            "warnings": ["t-SNE of pixels: perplexity clamped from 30 to 1 (4 points)."]}
+
+    text = report.write_results_json(tmp_path / "results.json", rows, meta).read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["results"][1]["mean_auroc"] is None and data["results"][1]["std_auroc"] is None
+    assert data["results"][0]["failed_rounds"] == {"dog": "LinAlgError: singular"}
+
+    with report.write_results_csv(tmp_path / "results.csv", rows).open() as f:
+        lines = list(csv.DictReader(f))
+    assert lines[0]["failed_rounds"] == "dog: LinAlgError: singular"
+    assert lines[0]["skipped_rounds"] == "fox: Round 'fox': no test images"
+    assert lines[1]["mean_auroc"] == "" and lines[1]["mean_aupr"] == "" and lines[1]["auroc_cat"] == ""
+
+    table = report.markdown_table(rows)
+    assert "| pixels | 0.900 ± 0.000 (1 of 2 rounds failed) | failed |" in table
+    md = report.write_report_md(tmp_path / "report.md", rows, meta, [], "cmd").read_text()
+    assert "## Failures" in md and "plot `tsne_pixels`: ValueError: too few" in md
+    assert "## Skipped rounds" in md and "`leave_one_class_out` / `fox`: Round 'fox': no test images" in md
+    assert "- t-SNE of pixels: perplexity clamped from 30 to 1 (4 points)." in md
+    assert "NaN" not in md
+
+
 # --- plots -----------------------------------------------------------------------
 
 
@@ -133,6 +164,16 @@ def test_plot_roc_bars_elbow(tmp_path: Path) -> None:
     table = {("dino", "kmeans"): (0.8, 0.05), ("dino", "knn"): (0.9, 0.02), ("mae", "knn"): (0.7, 0.1)}
     assert _is_png(plots.plot_auroc_bars(table, tmp_path / "bars.png"))
     assert _is_png(plots.plot_elbow({1: 10.0, 2: 4.0, 3: 1.0, 4: 0.8}, 3, tmp_path / "deep" / "elbow.png"))
+
+
+def test_plot_tsne_clamps_perplexity_with_a_note_and_refuses_two_points(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    notes: list[str] = []
+    path = plots.plot_tsne(rng.standard_normal((5, 8)), np.array([0, 0, 1, 1, 1]), ["a", "b"], tmp_path / "t.png",
+                           notes=notes)
+    assert _is_png(path) and notes == ["perplexity clamped from 30 to 1.33333 (5 points)."]
+    with pytest.raises(ValueError, match="at least 3 points; got 2"):
+        plots.plot_tsne(rng.standard_normal((2, 8)), np.array([0, 1]), ["a", "b"], tmp_path / "t2.png")
 
 
 def test_plot_tsne(tmp_path: Path) -> None:

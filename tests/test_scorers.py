@@ -210,9 +210,69 @@ def test_knn_never_builds_full_distance_matrix() -> None:
     assert biggest >= chunk_q * chunk_t  # the per-chunk distance block is there
 
 
-def test_knn_k_larger_than_train_raises() -> None:
-    with pytest.raises(ValueError, match="exceeds"):
-        sc.KNNScorer(k=5).fit(np.ones((3, 2)) + np.arange(3)[:, None])
+def test_knn_k_larger_than_train_is_clamped_and_noted() -> None:
+    train = np.ones((3, 2)) + np.arange(3)[:, None] * np.array([1.0, 2.0])
+    scorer = sc.KNNScorer(k=5, metric="l2").fit(train)
+    assert scorer.fitted_k == 3 and scorer.k == 5
+    assert scorer.warnings == ["k clamped from 5 to n_samples=3."]
+    query = np.array([[0.0, 0.0]])
+    np.testing.assert_allclose(scorer.score(query), _brute_knn(train, query, 3, "l2"), rtol=1e-5)
+
+
+# --- PCA keeps the residual when the normals are too few (issue 12, case 1) ----------
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_knn_with_too_few_normals_for_pca_equals_knn_on_the_raw_features(metric: str) -> None:
+    """pca_dims >= n - 1: the kept components plus the residual norm preserve every distance
+    (and, uncentred, every cosine) to a training normal, so PCA changes no score at all."""
+    rng = np.random.default_rng(11)
+    train = rng.standard_normal((7, 40)) + 2.0
+    query = np.concatenate([rng.standard_normal((9, 40)) + 2.0, train[:1]])
+    scorer = sc.KNNScorer(k=2, metric=metric, pca_dims=100).fit(train)
+    assert any("residual" in w for w in scorer.warnings)
+    np.testing.assert_allclose(scorer.score(query), _brute_knn(train, query, 2, metric), rtol=1e-5, atol=1e-5)
+    plain = sc.KNNScorer(k=2, metric=metric, pca_dims=100, pca_residual="never").fit(train).score(query)
+    assert not np.allclose(plain, _brute_knn(train, query, 2, metric), rtol=1e-3)
+
+
+def test_kmeans_with_too_few_normals_scores_the_raw_distance_to_the_centroid() -> None:
+    rng = np.random.default_rng(12)
+    train, query = rng.standard_normal((6, 30)), rng.standard_normal((5, 30)) * 2.0
+    scorer = sc.KMeansScorer(pca_dims=100, k_range=(1, 1)).fit(train)
+    np.testing.assert_allclose(scorer.score(query), np.linalg.norm(query - train.mean(0), axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_a_novel_direction_is_anomalous_even_when_pca_spans_every_normal(config: str) -> None:
+    """5 normals in 50 dims: a test point off their span in a new direction must outscore fresh normals."""
+    rng = np.random.default_rng(13)
+    base = rng.standard_normal(50) * 3.0
+    train = base + rng.standard_normal((5, 50)) * 0.3
+    normals = base + rng.standard_normal((20, 50)) * 0.3
+    novel = normals[:20] + 4.0 * np.eye(50)[7]
+    name, kwargs = CONFIGS[config]
+    scorer = sc.build_scorer(name, **{**kwargs, "pca_dims": 100}).fit(train)
+    s = scorer.score(np.concatenate([normals, novel]))
+    assert roc_auc_score(np.r_[np.zeros(20), np.ones(20)], s) == 1.0
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_enough_normals_leave_pca_unchanged_and_always_adds_the_residual(config: str) -> None:
+    """With n - 1 > pca_dims (the demo: 2,000 normals, 100 dims) 'auto' is exactly plain PCA."""
+    rng = np.random.default_rng(14)
+    train, query = rng.standard_normal((60, 20)), rng.standard_normal((15, 20))
+    name, kwargs = CONFIGS[config]
+    auto = sc.build_scorer(name, **{**kwargs, "pca_dims": 8})
+    np.testing.assert_array_equal(
+        auto.fit(train).score(query),
+        sc.build_scorer(name, **{**kwargs, "pca_dims": 8, "pca_residual": "never"}).fit(train).score(query),
+    )
+    assert not any("residual" in w for w in auto.warnings)
+    always = sc.build_scorer(name, **{**kwargs, "pca_dims": 8, "pca_residual": "always"}).fit(train)
+    assert always._pca.dims == 9 and always.score(query).shape == (15,)
+    with pytest.raises(ValueError, match="pca_residual"):
+        sc.build_scorer(name, **{**kwargs, "pca_dims": 8, "pca_residual": "sometimes"}).fit(train)
 
 
 # --- mahalanobis ---------------------------------------------------------------

@@ -94,9 +94,14 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
             elif not plan.baselines:
                 continue
             records.append({**base, "feature": feature, "scorer": row["scorer"], "protocol": row["protocol"],
-                            "auroc": float(row["mean_auroc"]), "auroc_std_over_rounds": float(row["std_auroc"]),
-                            "aupr": float(row.get("mean_aupr", math.nan)), "eval_seconds": eval_seconds})
+                            "auroc": _num(row["mean_auroc"]), "auroc_std_over_rounds": _num(row["std_auroc"]),
+                            "aupr": _num(row.get("mean_aupr")), "eval_seconds": eval_seconds})
     return records
+
+
+def _num(value: Any) -> float:
+    """A results.json number; null (a mean over no rounds: every round failed) or absent is NaN."""
+    return math.nan if value is None else float(value)
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ file and a base evaluation config file, and what to vary:
 Keys prefixed with ``eval.`` go to the evaluation config (``eval.pooling``):
 settings that differ only in them share one trained checkpoint. Every key
 (grid, settings, ``train_overrides``, ``eval_overrides``) is checked against
-the base configs when the plan is made, before anything is trained.
+the base configs when the plan is made, before anything is trained, and so is
+every run's resolved value (:mod:`ssl_ad.config_check`: ranges and choices).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import ml_collections
 
+from ssl_ad.config_check import validate_eval_config, validate_train_config
 from ssl_ad.errors import UserInputError
 
 EVAL_PREFIX = "eval."
@@ -418,6 +420,11 @@ def make_plan(ablation: Any, outdir: str) -> Plan:
             workdir = os.path.join(outdir, "runs", s.train_slug, f"seed{seed}")
             evaldir = os.path.join(workdir, "eval" if not s.eval_slug else f"eval-{s.eval_slug}")
             eval_cfg.checkpoint = workdir
+            for validate, cfg in ((validate_train_config, train_cfg), (validate_eval_config, eval_cfg)):
+                try:
+                    validate(cfg)
+                except UserInputError as e:
+                    raise UserInputError(f"{kind} setting '{s.label}': {e}") from e
             runs.append(Run(len(runs) + 1, s, seed, workdir, evaldir, train_cfg, eval_cfg))
 
     axis_keys = [k for k, _ in settings[0].axes] if settings and settings[0].axes else []

@@ -6,7 +6,10 @@ Reads the files users download from cocodataset.org::
     <root>/annotations/instances_val2017.json     <root>/val2017/*.jpg
 
 ``<root>`` is ``data.coco_root`` (tfds' ``manual_dir``); the set is prepared
-into ``data.data_dir`` with no network. Split 'train' comes from train2017,
+into ``data.data_dir`` with no network. The prepared copy records a listing of the
+two annotation files and the two image folders (paths, sizes, mtimes) and is
+re-prepared when that changes (``ssl_ad.data.provenance``); without ``coco_root``
+the prepared copy is used as is. Split 'train' comes from train2017,
 'test' from val2017.
 
 Classes are either categories (``data.categories``, default the study's
@@ -33,8 +36,9 @@ instance) and ``image_id``.
 Loader keys: ``data.coco_root``, ``data.categories``, ``data.supercategories``,
 ``data.min_area``, ``data.crop_to_box`` (crop to a square around ``bbox`` with
 ``data.box_margin`` of the box's longer side added on every side, see
-``image_folder.crop_box``), ``data.load_size`` (``image_folder.fit_square``;
-COCO images differ in size, so 0 only works when they happen to agree).
+``image_folder.crop_box``), ``data.load_size`` and ``data.resize_mode``
+(``image_folder.fit_square``; COCO images differ in size, so 0 only works when they
+happen to agree), ``data.max_image_pixels`` (Pillow's limit while preparing).
 """
 
 from __future__ import annotations
@@ -177,20 +181,14 @@ def select_images(root: str, part: str, classes, level: str, min_area: int):
 
 def _image(path: str):
     """The file path (stored as is) or, for files TF would not decode to RGB, an RGB array."""
-    from PIL import Image
-
-    from ssl_ad.data.image_folder import to_rgb
+    from ssl_ad.data.image_folder import open_image, to_rgb
 
     if not os.path.isfile(path):
         raise UserInputError(f"COCO image {path} is missing")
-    try:
-        with Image.open(path) as img:
-            if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L"):
-                return path
-            img.load()
-            return np.asarray(to_rgb(img), np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserInputError(f"cannot decode image {path}: {e}") from None
+    head = open_image(path, load=False)
+    if head.format in ("JPEG", "PNG") and head.mode in ("RGB", "L"):
+        return path
+    return np.asarray(to_rgb(open_image(path)), np.uint8)
 
 
 # ---------------------------------------------------------------------------
@@ -221,47 +219,80 @@ def load_coco2017(data_cfg: Any, split: str):
     """The ``coco2017`` loader: see the module docstring."""
     from PIL import Image
 
-    from ssl_ad.data.image_folder import crop_box, fit_square, load_size_of, stack_same_size, variant_name
-    from ssl_ad.data.sources import ImageSplit, data_dir_of
+    from ssl_ad.data.image_folder import (
+        SquareResizer,
+        crop_box,
+        max_image_pixels_of,
+        stack_same_size,
+        variant_name,
+    )
+    from ssl_ad.data.sources import ImageSplit
 
     if split not in PARTS:
         raise UserInputError(f"data set 'coco2017' has no split {split!r}; it has {sorted(PARTS)}")
     cfg = config_from(data_cfg)
-    load_size = load_size_of(data_cfg)
+    resize = SquareResizer.from_config(data_cfg)  # keys validated before any preparation
+    max_image_pixels_of(data_cfg)
     crop = bool(data_cfg.get("crop_to_box", False))
     margin = float(data_cfg.get("box_margin", 0.1))
     if margin < 0:
         raise UserInputError(f"data.box_margin must be >= 0, got {margin}")
 
-    builder = Coco2017(config=cfg, data_dir=data_dir_of(data_cfg))
-    if not builder.is_prepared():
-        root = os.path.expanduser(str(data_cfg.get("coco_root", "") or ""))
-        if not root:
-            raise UserInputError(
-                f"coco2017 config {cfg.name} is not prepared in {builder.data_dir}; set data.coco_root to the "
-                "folder holding annotations/, train2017/ and val2017/ to prepare it offline"
-            )
-        if not os.path.isdir(root):
-            raise UserInputError(f"data.coco_root {root} does not exist")
-        for part in PARTS.values():
-            for need in (os.path.join(root, "annotations", f"instances_{part}.json"), os.path.join(root, part)):
-                if not os.path.exists(need):
-                    raise UserInputError(f"COCO file or folder {need} is missing")
-        log.info("Preparing coco2017/%s from %s into %s", cfg.name, root, builder.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
-
+    builder = _builder(cfg, data_cfg)
     images, labels = [], []
     for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
         img = Image.fromarray(ex["image"])
         if crop:
             img = crop_box(img, tuple(ex["bbox"]), margin)
-        images.append(np.asarray(fit_square(img, load_size), np.uint8))
+        images.append(np.asarray(resize(img), np.uint8))
         labels.append(int(ex["label"]))
-    name = variant_name("coco2017", cfg.name, crop, margin if crop else None, load_size)
+    what = f"coco2017/{cfg.name} split {split!r}"
+    resize.report(what)
+    name = variant_name(
+        "coco2017", cfg.name, crop, margin if crop else None, resize.size,
+        *(() if resize.mode == "crop" else (resize.mode,)),
+    )
     return ImageSplit(
         name,
         split,
-        stack_same_size(images, f"coco2017/{cfg.name} split {split!r}"),
+        stack_same_size(images, what),
         np.asarray(labels, np.int64),
         list(cfg.classes),
+        info=dict(resize.info, crop_to_box=crop),
     )
+
+
+def _builder(cfg: CocoConfig, data_cfg: Any) -> Coco2017:
+    """The prepared builder of ``cfg``, (re-)prepared from ``data.coco_root`` when its files changed."""
+    from ssl_ad.data import provenance
+    from ssl_ad.data.image_folder import pixel_limit
+    from ssl_ad.data.sources import data_dir_of
+
+    def make() -> Coco2017:
+        return Coco2017(config=cfg, data_dir=data_dir_of(data_cfg))
+
+    root = os.path.expanduser(str(data_cfg.get("coco_root", "") or ""))
+    needed = [os.path.join("annotations", f"instances_{part}.json") for part in PARTS.values()] + list(PARTS.values())
+    if not root or not os.path.isdir(root) or any(not os.path.exists(os.path.join(root, n)) for n in needed):
+        if make().is_prepared():
+            return provenance.ensure_prepared(make, f"coco2017/{cfg.name}", None, lambda b: None)
+        if not root:
+            raise UserInputError(
+                f"coco2017 config {cfg.name} is not prepared in {make().data_dir}; set data.coco_root to the "
+                "folder holding annotations/, train2017/ and val2017/ to prepare it offline"
+            )
+        if not os.path.isdir(root):
+            raise UserInputError(f"data.coco_root {root} does not exist")
+        missing = next(os.path.join(root, n) for n in needed if not os.path.exists(os.path.join(root, n)))
+        raise UserInputError(f"COCO file or folder {missing} is missing")
+    source = {
+        "config": {"builder": "coco2017", "name": cfg.name, "classes": list(cfg.classes), "level": cfg.level,
+                   "min_area": cfg.min_area, "version": str(Coco2017.VERSION)},
+        "files": provenance.file_listing(root, subdirs=list(PARTS.values()), files=needed[:2]),
+    }
+
+    def prepare(builder: Coco2017) -> None:
+        with pixel_limit(data_cfg):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+
+    return provenance.ensure_prepared(make, f"coco2017/{cfg.name}", source, prepare, where=root)

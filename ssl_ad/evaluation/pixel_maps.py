@@ -36,6 +36,7 @@ import scipy.ndimage
 from ssl_ad.data.pipeline import preprocess_eval
 from ssl_ad.data.sources import ImageSplit
 from ssl_ad.evaluation import embedding, metrics, plots
+from ssl_ad.evaluation.features import cached_array, recon_fingerprint
 from ssl_ad.evaluation.pixel_metrics import pixel_auroc, pro_score
 from ssl_ad.evaluation.protocols import Round
 from ssl_ad.evaluation.scorers import KNNScorer
@@ -121,6 +122,11 @@ def patch_knn_maps(
 
 # ---------------------------------------------------------------------------
 # Evaluation over protocol rounds
+
+
+def _summarise(per_round: dict[str, float]) -> tuple[float, float]:
+    """metrics.summarise over the rounds that worked; NaN when none did."""
+    return metrics.summarise(per_round) if per_round else (float("nan"), float("nan"))
 
 
 @dataclasses.dataclass
@@ -216,9 +222,10 @@ class PixelEvaluator:
         if self.cache_path is None:
             flat = compute()
         else:  # shares the file the mae_recon scorer's features use
-            from ssl_ad.evaluation.runner import _cached
-
-            flat, _ = _cached(self.cache_path(src.name, src.step, self.test, f"recon{masks}-{size}px"), compute)
+            wanted = recon_fingerprint(src.method, src.method_params, self.test, size, src.norm, masks, self.seed,
+                                       self.batch_size)
+            flat, _ = cached_array(self.cache_path(src.name, src.step, self.test, f"recon{masks}-{size}px"), compute,
+                                   fingerprint=wanted)
         grid = int(round(flat.shape[1] ** 0.5))
         return flat.reshape(-1, grid, grid).astype(np.float32)
 
@@ -262,39 +269,56 @@ class PixelEvaluator:
         groups: dict[bytes, list[Round]] = {}
         for rnd in rounds:  # rounds fit on the same images share one bank (mvtec_study: all of them)
             groups.setdefault(b"" if maker == "mae_recon" else rnd.train_idx.tobytes(), []).append(rnd)
-        img_auc, img_ap, pix_auc, pro, banks = {}, {}, {}, {}, []
+        img_auc, img_ap, pix_auc, pro, banks, failed, warnings = {}, {}, {}, {}, [], {}, []
         fit_s = score_s = 0.0
         paths = []
         for members in groups.values():
-            t0 = time.perf_counter()
-            union = np.unique(np.concatenate([r.test_idx for r in members]))
-            low, info = self._lowres(maker, members[0].train_idx, union, tokens, recon)
-            banks.append(info)
-            full = upsample_maps(low, self.size, self.sigma)
-            fit_s += time.perf_counter() - t0
+            try:  # a round that fails is recorded in failed_rounds; the other rounds go on
+                t0 = time.perf_counter()
+                union = np.unique(np.concatenate([r.test_idx for r in members]))
+                low, info = self._lowres(maker, members[0].train_idx, union, tokens, recon)
+                banks.append(info)
+                full = upsample_maps(low, self.size, self.sigma)
+                fit_s += time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                failed.update({rnd.name: f"{type(e).__name__}: {e}" for rnd in members})
+                log.warning("%s %s %s: rounds %s failed: %s", src.name, maker, protocol, list(failed), e)
+                continue
             where = {int(j): i for i, j in enumerate(union)}
             for rnd in members:
-                t1 = time.perf_counter()
-                maps = full[[where[int(j)] for j in rnd.test_idx]]
-                masks = test.masks[rnd.test_idx]
-                scores = maps.reshape(maps.shape[0], -1).max(axis=1)
-                img_auc[rnd.name] = metrics.auroc(rnd.test_is_anomaly, scores)
-                img_ap[rnd.name] = metrics.aupr(rnd.test_is_anomaly, scores)
-                pix_auc[rnd.name] = pixel_auroc(masks, maps)
-                pro[rnd.name] = pro_score(masks, maps, self.max_fpr)
-                score_s += time.perf_counter() - t1
+                try:
+                    t1 = time.perf_counter()
+                    maps = full[[where[int(j)] for j in rnd.test_idx]]
+                    masks = test.masks[rnd.test_idx]
+                    scores = maps.reshape(maps.shape[0], -1).max(axis=1)
+                    img_auc[rnd.name] = metrics.auroc(rnd.test_is_anomaly, scores)
+                    img_ap[rnd.name] = metrics.aupr(rnd.test_is_anomaly, scores)
+                    pix_auc[rnd.name] = pixel_auroc(masks, maps)
+                    pro[rnd.name] = pro_score(masks, maps, self.max_fpr)
+                    score_s += time.perf_counter() - t1
+                except Exception as e:  # noqa: BLE001
+                    for d in (img_auc, img_ap, pix_auc, pro):
+                        d.pop(rnd.name, None)
+                    failed[rnd.name] = f"{type(e).__name__}: {e}"
+                    log.warning("%s %s %s: round %r failed: %s", src.name, maker, protocol, rnd.name, e)
+                    continue
                 if self.overlays:
-                    paths.append(self._overlay(src, maker, protocol, rnd, maps, scores, plot_dir))
-        mean, std = metrics.summarise(img_auc)
-        pmean, pstd = metrics.summarise(pix_auc)
-        rmean, rstd = metrics.summarise(pro)
+                    try:
+                        paths.append(self._overlay(src, maker, protocol, rnd, maps, scores, plot_dir))
+                    except Exception as e:  # noqa: BLE001 - a figure never costs the numbers
+                        warnings.append(f"overlay of round {rnd.name!r} failed: {type(e).__name__}: {e}")
+        if maker == "patch_knn" and banks and min(b["bank_tokens"] for b in banks) < self.k:
+            warnings.append(f"pixel.k clamped from {self.k} to the smallest bank, {min(b['bank_tokens'] for b in banks)} tokens.")
+        mean, std = _summarise(img_auc)
+        pmean, pstd = _summarise(pix_auc)
+        rmean, rstd = _summarise(pro)
         row = {
             "feature": src.name,
             "scorer": f"pixel_{maker}",
             "protocol": protocol,
             "mean_auroc": mean,
             "std_auroc": std,
-            "mean_aupr": float(np.mean(list(img_ap.values()))),
+            "mean_aupr": float(np.mean(list(img_ap.values()))) if img_ap else float("nan"),
             "per_round": img_auc,
             "mean_pixel_auroc": pmean,
             "std_pixel_auroc": pstd,
@@ -306,9 +330,10 @@ class PixelEvaluator:
             "map_sigma": self.sigma,
             "fit_seconds": fit_s,
             "score_seconds": score_s,
-            "warnings": [],
+            "warnings": warnings,
+            "failed_rounds": failed,
         }
-        if maker == "patch_knn":  # the largest round's bank
+        if maker == "patch_knn" and banks:  # the largest round's bank
             row.update({"pixel_k": self.k, "pixel_metric": self.metric,
                         "bank_tokens": max(b["bank_tokens"] for b in banks),
                         "bank_tokens_before_subsampling": max(b["total_tokens"] for b in banks)})

@@ -117,14 +117,19 @@ def plot_tsne(
     max_points: int = 2000,
     seed: int = 0,
     perplexity: float = 30.0,
+    notes: list[str] | None = None,
 ) -> Path:
     """t-SNE of features (PCA to <=100 dims first), coloured by class and by anomaly.
 
     At most ``max_points`` stratified-random points are embedded to bound cost;
-    perplexity is clamped below the sample count, as t-SNE requires.
+    perplexity is clamped to ``(n - 1) / 3`` (at least 1) so that it stays below
+    the sample count, as t-SNE requires, and the clamp is appended to ``notes``.
+    Fewer than 3 points cannot be embedded: ValueError.
     """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1; got {max_points}.")
     idx = stratified_sample(labels, max_points, seed)
     x, y = features[idx], labels[idx]
     n = x.shape[0]
@@ -132,7 +137,10 @@ def plot_tsne(
         raise ValueError(f"t-SNE needs at least 3 points; got {n}.")
     dims = min(100, n - 1, x.shape[1])
     z = PCA(n_components=dims, random_state=seed).fit_transform(x)
-    perplexity = min(perplexity, max(1.0, (n - 1) / 3))
+    clamped = min(perplexity, max(1.0, (n - 1) / 3))
+    if clamped < perplexity and notes is not None:
+        notes.append(f"perplexity clamped from {perplexity:g} to {clamped:g} ({n} points).")
+    perplexity = clamped
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)
 
     panels = 1 if is_anomaly is None else 2

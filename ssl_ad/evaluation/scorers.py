@@ -7,9 +7,14 @@ Every scorer follows one contract so that protocols can treat them alike:
 * ``score(features)`` returns one float per input row, where **higher means
   more anomalous**.
 
-Scorers record human-readable notes about silent adjustments (e.g. PCA dims
-clamped to the sample count) in ``self.warnings`` so that reports can show
-them next to the numbers they affect.
+Scorers record human-readable notes about silent adjustments (e.g. PCA dims,
+kNN k, k_range or GMM components clamped to the sample count) in
+``self.warnings`` so that reports can show them next to the numbers they affect.
+
+The optional PCA (``pca_dims``) is fit on the round's normals; when they are
+too few to span more than the kept components, the residual norm (distance
+from their span) is kept as one more coordinate, so that no scorer loses the
+part of a test feature that no normal has (see :func:`_fit_pca`).
 """
 
 from __future__ import annotations
@@ -68,27 +73,95 @@ def _as_matrix(features: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def _fit_pca(x: np.ndarray, pca_dims: int | None, seed: int, notes: list[str]) -> PCA | None:
-    """Fit PCA with dims clamped to what the data supports (None = no PCA).
+RESIDUAL_MODES = ("auto", "always", "never")
+
+
+class _Projection:
+    """PCA fit on a round's training normals, optionally plus the residual norm as one more coordinate.
+
+    ``transform(x)`` returns the coordinates in the kept basis and, with ``residual``, appends
+    ``||c - B^T B c||`` (``c`` = ``x`` minus the training mean, or ``x`` itself when
+    ``centred=False``, as cosine kNN projects without centring): the distance of the point from
+    the subspace, i.e. the squared prediction error (SPE / Q statistic) of PCA-based monitoring
+    (Jackson & Mudholkar, 1979, Technometrics 21(3)) and the out-of-subspace term of
+    probabilistic PCA (Tipping & Bishop, 1999, JRSS-B 61(3)), which PCA alone throws away.
+    """
+
+    def __init__(self, pca: PCA | None, basis: np.ndarray, mean: np.ndarray | None, residual: bool) -> None:
+        self.pca, self.basis, self.mean, self.residual = pca, basis, mean, residual
+
+    @property
+    def dims(self) -> int:
+        return int(self.basis.shape[0]) + int(self.residual)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        if self.mean is not None and self.pca is not None:
+            z = self.pca.transform(x)  # sklearn's own arithmetic: unchanged numbers without the residual
+        else:
+            z = (x if self.mean is None else x - self.mean) @ self.basis.T
+        if not self.residual:
+            return z
+        c = x if self.mean is None else x - self.mean
+        r = np.linalg.norm(c - z @ self.basis, axis=1)
+        return np.concatenate([z, r[:, None]], axis=1)
+
+
+def _fit_pca(
+    x: np.ndarray,
+    pca_dims: int | None,
+    seed: int,
+    notes: list[str],
+    residual: str = "auto",
+    centred: bool = True,
+) -> _Projection | None:
+    """Fit PCA with dims clamped to what the data supports (None = no PCA), keeping the residual.
 
     PCA cannot have more components than ``min(n_samples - 1, n_features)``
     meaningful directions, so a request above that is clamped and noted.
+
+    ``residual`` says when the residual norm (distance from the kept subspace, see
+    :class:`_Projection`) is appended as one more coordinate:
+
+    * ``'auto'`` (default): when the round has too few normals for the projection to be a
+      reduction, ``pca_dims >= n_samples - 1 < n_features``. The kept components then span the
+      normals' whole affine hull, so the projection drops nothing of the normals and only the
+      part of a test point outside their span, which is exactly where a novel anomaly lies (a
+      bar where no training image has one). Every training normal has residual 0, so
+      ``[z, r]`` preserves every Euclidean distance to a training normal or to any mean of
+      them (kNN-L2, K-means centroids) exactly; for cosine kNN the basis is the span of the
+      *uncentred* normals, so norms and dot products with them are preserved exactly too. With
+      more normals (e.g. the demo's 2,000 per round at 100 dims) nothing changes.
+    * ``'always'``: every round (the PCA T^2 + Q practice);
+    * ``'never'``: plain PCA (the original study's recipe).
     """
     if pca_dims is None:
         return None
     if pca_dims < 1:
         raise ValueError(f"pca_dims must be a positive int or None; got {pca_dims}.")
-    limit = min(x.shape[0] - 1, x.shape[1])
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"pca_residual must be one of {RESIDUAL_MODES}; got {residual!r}.")
+    n, d = x.shape
+    limit = min(n - 1, d)
     dims = min(pca_dims, limit)
     if dims < pca_dims:
+        notes.append(f"pca_dims clamped from {pca_dims} to {dims} (n_samples={n}, n_features={d}).")
+    spans_all = pca_dims >= n - 1 and n - 1 < d  # the components would be the normals' whole span
+    keep = dims < d and (residual == "always" or (residual == "auto" and spans_all))
+    if keep and residual == "auto":
         notes.append(
-            f"pca_dims clamped from {pca_dims} to {dims} "
-            f"(n_samples={x.shape[0]}, n_features={x.shape[1]})."
+            f"PCA keeps the residual norm as one more dimension: the {n} training normals span only "
+            f"{n - 1} of {d} dimensions, so a plain projection would drop everything outside their span "
+            "(pca_residual='auto')."
         )
-    return PCA(n_components=dims, random_state=seed).fit(x)
+    if not centred and keep and spans_all:
+        _, s, vt = np.linalg.svd(x, full_matrices=False)  # the span of the uncentred normals
+        rank = int(np.sum(s > s[0] * max(x.shape) * np.finfo(np.float64).eps)) if s.size and s[0] > 0 else 0
+        return _Projection(None, vt[: max(rank, 1)], None, True)
+    pca = PCA(n_components=dims, random_state=seed).fit(x)
+    return _Projection(pca, pca.components_, pca.mean_ if centred else None, keep)
 
 
-def _project(pca: PCA | None, x: np.ndarray) -> np.ndarray:
+def _project(pca: _Projection | None, x: np.ndarray) -> np.ndarray:
     return x if pca is None else pca.transform(x)
 
 
@@ -244,9 +317,11 @@ class KMeansScorer(Scorer):
         k_range: tuple[int, int] = (1, 10),
         seed: int = 0,
         n_init: int = 4,
+        pca_residual: str = "auto",
     ) -> None:
         super().__init__()
         self.pca_dims = pca_dims
+        self.pca_residual = pca_residual
         self.k_range = k_range
         self.seed = seed
         self.n_init = n_init
@@ -254,7 +329,7 @@ class KMeansScorer(Scorer):
         self.inertias: dict[int, float] = {}
 
     def _fit(self, x: np.ndarray) -> None:
-        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
+        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings, self.pca_residual)
         z = _project(self._pca, x)
         self.k, self.inertias, self._kmeans = _fit_elbow_kmeans(
             z, self.k_range, self.seed, self.n_init, self.warnings
@@ -287,11 +362,13 @@ class GMMKMeansScorer(Scorer):
         reg_covar: float = 1e-6,
         seed: int = 0,
         n_init: int = 4,
+        pca_residual: str = "auto",
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_fraction < 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1); got {drop_fraction}.")
         self.pca_dims = pca_dims
+        self.pca_residual = pca_residual
         self.drop_fraction = drop_fraction
         self.n_components = n_components
         self.k_range = k_range
@@ -306,7 +383,7 @@ class GMMKMeansScorer(Scorer):
         self.dropped_idx: np.ndarray = np.zeros((0,), dtype=np.int64)
 
     def _fit(self, x: np.ndarray) -> None:
-        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
+        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings, self.pca_residual)
         z = _project(self._pca, x)
         n = z.shape[0]
 
@@ -355,9 +432,11 @@ class GMMScorer(Scorer):
         k_range: tuple[int, int] = (1, 10),
         seed: int = 0,
         n_init: int = 4,
+        pca_residual: str = "auto",
     ) -> None:
         super().__init__()
         self.pca_dims = pca_dims
+        self.pca_residual = pca_residual
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.reg_covar = reg_covar
@@ -368,7 +447,7 @@ class GMMScorer(Scorer):
         self.fitted_n_components: int | None = None
 
     def _fit(self, x: np.ndarray) -> None:
-        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
+        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings, self.pca_residual)
         z = _project(self._pca, x)
         n_components, self.inertias = _resolve_n_components(
             z, self.n_components, self.k_range, self.seed, self.n_init, self.warnings
@@ -389,19 +468,26 @@ class MahalanobisScorer(Scorer):
     """Squared Mahalanobis distance to a Gaussian fit with Ledoit-Wolf shrinkage.
 
     Shrinkage keeps the covariance well conditioned when n_samples is not
-    much larger than the feature dimension (typical for ViT features).
+    much larger than the feature dimension (typical for ViT features). With the
+    residual coordinate of :func:`_fit_pca` (training normals ~0 there) the
+    shrinkage target gives it variance ``alpha * trace(S) / p``, so the score is
+    the in-span Mahalanobis distance plus a scaled squared residual, the T^2 + Q
+    pair of PCA monitoring (Jackson & Mudholkar, 1979).
     """
 
-    def __init__(self, pca_dims: int | None = None, shrinkage: str = "ledoit_wolf", seed: int = 0) -> None:
+    def __init__(
+        self, pca_dims: int | None = None, shrinkage: str = "ledoit_wolf", seed: int = 0, pca_residual: str = "auto"
+    ) -> None:
         super().__init__()
         if shrinkage != "ledoit_wolf":
             raise ValueError(f"Unknown shrinkage {shrinkage!r}; only 'ledoit_wolf' is supported.")
         self.pca_dims = pca_dims
+        self.pca_residual = pca_residual
         self.shrinkage = shrinkage
         self.seed = seed
 
     def _fit(self, x: np.ndarray) -> None:
-        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
+        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings, self.pca_residual)
         z = _project(self._pca, x)
         lw = LedoitWolf().fit(z)
         self.location_ = lw.location_
@@ -481,7 +567,8 @@ class KNNScorer(Scorer):
     Both queries and train rows are processed in chunks (``chunk_size`` and
     ``train_chunk_size``), so no N x N matrix is ever built. Self-matches are
     not excluded: train and test are different sets, and a query identical to
-    a train row simply gets distance 0 for that neighbour.
+    a train row simply gets distance 0 for that neighbour. A ``k`` above the
+    number of training normals is clamped to it (``fitted_k``) and noted.
     """
 
     _METRICS = ("cosine", "l2")
@@ -494,6 +581,7 @@ class KNNScorer(Scorer):
         train_chunk_size: int | None = None,
         pca_dims: int | None = None,
         seed: int = 0,
+        pca_residual: str = "auto",
     ) -> None:
         super().__init__()
         if metric not in self._METRICS:
@@ -507,17 +595,17 @@ class KNNScorer(Scorer):
         self.chunk_size = chunk_size
         self.train_chunk_size = train_chunk_size or chunk_size
         self.pca_dims = pca_dims
+        self.pca_residual = pca_residual
         self.seed = seed
+        self.fitted_k: int | None = None
 
     def _reduce(self, x: np.ndarray) -> np.ndarray:
-        """PCA projection; for cosine WITHOUT centring on the training mean.
+        """PCA projection (plus the residual, see :func:`_fit_pca`); for cosine WITHOUT centring.
 
         Cosine compares directions from the origin. After centring on one class's mean its own
         test points sit near the origin in random directions, so a tight normal class would score
         as anomalous (AUROC below chance); projecting onto the principal axes keeps the angles.
         """
-        if self._pca is not None and self.metric == "cosine":
-            return x @ self._pca.components_.T
         return _project(self._pca, x)
 
     def _prepare(self, z: np.ndarray) -> np.ndarray:
@@ -528,9 +616,12 @@ class KNNScorer(Scorer):
         return (z - self._center).astype(np.float32)
 
     def _fit(self, x: np.ndarray) -> None:
-        if x.shape[0] < self.k:
-            raise ValueError(f"k={self.k} exceeds the number of training samples {x.shape[0]}.")
-        self._pca = _fit_pca(x, self.pca_dims, self.seed, self.warnings)
+        self.fitted_k = min(self.k, x.shape[0])
+        if self.fitted_k < self.k:
+            self.warnings.append(f"k clamped from {self.k} to n_samples={x.shape[0]}.")
+        self._pca = _fit_pca(
+            x, self.pca_dims, self.seed, self.warnings, self.pca_residual, centred=self.metric != "cosine"
+        )
         z = self._reduce(x)
         self._center = z.mean(axis=0)
         t = self._prepare(z)
@@ -551,7 +642,7 @@ class KNNScorer(Scorer):
                 jnp.asarray(padded[start : start + chunk_q]),
                 self._train_chunks,
                 self._train_valid,
-                k=self.k,
+                k=self.fitted_k,
                 metric=self.metric,
             )
             for start in range(0, padded.shape[0], chunk_q)

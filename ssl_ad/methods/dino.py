@@ -25,10 +25,14 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from ssl_ad.models.vit import ViT, pool_tokens, vit_from_config
+from ssl_ad.models.vit import ViT, pool_tokens, reference_trunc_normal, vit_from_config
 from ssl_ad.train.optim import cosine_schedule
 
-_TRUNC = nn.initializers.truncated_normal(0.02)
+# DINOHead._init_weights (facebookresearch/dino vision_transformer.py): trunc_normal_(std=.02) with
+# absolute bounds +-2, i.e. N(0, 0.02^2); bias 0.
+_TRUNC = reference_trunc_normal(0.02)
+# ssl_ad's older head init (init_style='xavier_legacy'): flax's truncated_normal(0.02), std 0.0176.
+_TRUNC_LEGACY = nn.initializers.truncated_normal(0.02)
 # PyTorch's nn.Linear default (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _TORCH_LINEAR = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -56,7 +60,11 @@ class DINOHead(nn.Module):
     """MLP (``num_layers`` Dense, GELU) -> L2-normalised bottleneck -> weight-normalised last layer.
 
     The last layer's parameters live under ``last_layer`` so ``optim.freeze_patterns=('last_layer',)``
-    freezes them (DINO freezes it during the first epoch). The MLP runs in ``dtype``; the
+    freezes them (DINO freezes it during the first epoch). Initialised as DINO's ``DINOHead``
+    (``vision_transformer.py``): MLP Linear trunc_normal(std=.02) (N(0, 0.02^2)), bias 0; the
+    last layer ``weight_norm(nn.Linear(bias=False))`` keeps PyTorch's Linear default for v
+    (U(+-1/sqrt(bottleneck_dim))) and g = 1. ``init_style='xavier_legacy'`` keeps ssl_ad's older
+    MLP init (flax truncated_normal(0.02), std 0.0176). The MLP runs in ``dtype``; the
     normalisation and the last layer run in float32 (logits are cosines divided by temperatures
     as small as 0.04, so bfloat16 rounding would be amplified 25x).
     """
@@ -67,11 +75,13 @@ class DINOHead(nn.Module):
     num_layers: int = 3
     norm_last_layer: bool = True
     dtype: Any = jnp.float32
+    init_style: str = "dino"  # 'dino' or 'xavier_legacy'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n = max(int(self.num_layers), 1)
-        dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=_TRUNC, name=name)  # noqa: E731
+        kernel_init = _TRUNC_LEGACY if self.init_style == "xavier_legacy" else _TRUNC
+        dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=kernel_init, name=name)  # noqa: E731
         x = x.astype(self.dtype)
         for i in range(n - 1):
             x = nn.gelu(dense(self.hidden_dim, f"mlp{i}")(x), approximate=False)
@@ -156,11 +166,14 @@ class DINO:
     """DINO as the training loop sees it.
 
     params = {'backbone', 'head'} (the student); extra = {'teacher': same tree, 'center': (out_dim,)}.
+    The backbone is built with ``method='dino'``: under ``model.init='reference'`` it is initialised
+    by DINO's rule (``ssl_ad.models.vit.initializers('dino')``); the head follows DINO's
+    ``DINOHead`` unless ``model.init='xavier_legacy'``.
     """
 
     def __init__(self, config: Any):
-        self.student: ViT = vit_from_config(config.model)
-        self.teacher: ViT = vit_from_config(config.model, drop_path_rate=0.0)
+        self.student: ViT = vit_from_config(config.model, method="dino")
+        self.teacher: ViT = vit_from_config(config.model, method="dino", drop_path_rate=0.0)
         d = config.dino
         self.pooling = str(d.get("pooling", "cls"))
         if self.pooling not in ("cls", "mean"):
@@ -172,6 +185,7 @@ class DINO:
             num_layers=int(d.num_layers),
             norm_last_layer=bool(d.norm_last_layer),
             dtype=self.student.dtype,
+            init_style="xavier_legacy" if self.student.init_style == "xavier_legacy" else "dino",
         )
         self.out_dim = int(d.out_dim)
         self.student_temp = float(d.student_temp)

@@ -73,7 +73,14 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
 
 
 class MAEDecoder(nn.Module):
-    """Light transformer decoder: mask tokens + fixed sincos position embeddings + pixel head."""
+    """Light transformer decoder: mask tokens + fixed sincos position embeddings + pixel head.
+
+    Initialised as facebookresearch/mae ``models_mae.py`` ``initialize_weights``/``_init_weights``:
+    Linear (``embed``, blocks, ``pred``) xavier_uniform with zero bias, LayerNorm 1/0,
+    ``mask_token`` normal(0.02); ``decoder_pos_embed`` is the fixed sine-cosine table whose CLS
+    row is zero (``get_2d_sincos_pos_embed(..., cls_token=True)``), so the CLS token gets no
+    position added. (ssl_ad's older single rule gave the decoder exactly these values too.)
+    """
 
     num_patches: int
     patch_size: int
@@ -99,7 +106,7 @@ class MAEDecoder(nn.Module):
         if cls is not None:
             full = jnp.concatenate([cls, full], axis=1)
         for i in range(self.depth):
-            full = Block(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"block{i}")(full)
+            full = Block(self.num_heads, self.mlp_ratio, dtype=self.dtype, init_style="mae", name=f"block{i}")(full)
         full = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(full)
         pred = nn.Dense(
             self.patch_size**2 * self.channels, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name="pred"
@@ -109,10 +116,15 @@ class MAEDecoder(nn.Module):
 
 
 class MAE:
-    """MAE as the training loop sees it: params = {'encoder', 'decoder'}, no extra state."""
+    """MAE as the training loop sees it: params = {'encoder', 'decoder'}, no extra state.
+
+    The encoder is built with ``method='mae'``: under ``model.init='reference'`` it is initialised
+    by MAE's rule (``ssl_ad.models.vit.initializers('mae')``), and ``model.cls_pos='reference'``
+    with MAE's ``posemb='sincos'`` gives the CLS token MAE's fixed zero position (no ``cls_pos``).
+    """
 
     def __init__(self, config: Any):
-        self.encoder: ViT = vit_from_config(config.model)
+        self.encoder: ViT = vit_from_config(config.model, method="mae")
         mae = config.mae
         self.mask_ratio = float(mae.mask_ratio)
         self.norm_pix_loss = bool(mae.norm_pix_loss)

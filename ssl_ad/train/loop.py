@@ -3,6 +3,13 @@
 ``train_and_evaluate(config, workdir)`` is the whole job. Running it again on
 the same workdir resumes from the latest complete checkpoint and replays the
 exact data stream from there; when training is complete it does nothing.
+
+Before anything is loaded or written the config's values are checked
+(:mod:`ssl_ad.config_check`); on resume the config is compared with the saved
+one (:mod:`ssl_ad.train.config_history`). "Step N" everywhere (metrics.jsonl,
+checkpoints, log and error messages) is the number of optimiser updates
+completed; the update from step N-1 to N is "step N". Every run ends with
+``workdir/summary.json`` (status, step, final metrics, collapse flag, time).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,13 +28,15 @@ from tqdm import tqdm
 
 import ssl_ad
 from ssl_ad.atomic import atomic_write_text
+from ssl_ad.config_check import validate_train_config
 from ssl_ad.data.pipeline import train_batches
 from ssl_ad.data.sources import load_split
 from ssl_ad.errors import DivergenceError, UserInputError
 from ssl_ad.methods import build_method
-from ssl_ad.train import sharding
+from ssl_ad.train import config_history, sharding
 from ssl_ad.train.checkpointing import Checkpointer
-from ssl_ad.train.metrics_log import MetricsWriter
+from ssl_ad.train.collapse import CollapseMonitor
+from ssl_ad.train.metrics_log import MetricsWriter, read_metrics
 from ssl_ad.train.optim import make_optimizer
 from ssl_ad.train.state import TrainState, create_train_state
 from ssl_ad.train.step import make_train_step
@@ -36,6 +46,7 @@ log = logging.getLogger(__name__)
 # Testing aid: seconds to sleep after every step, so that a test can kill or preempt a run of a
 # tiny model at a step of its choosing (tiny steps take milliseconds). Unset in real runs.
 STEP_DELAY_ENV = "SSL_AD_TEST_STEP_DELAY_S"
+SUMMARY_FILE = "summary.json"
 
 
 class _StopRequest:
@@ -71,15 +82,15 @@ def check_workdir(workdir: str) -> None:
 
 
 def _raise_if_diverged(state: TrainState, ckpt: Checkpointer) -> None:
-    bad = int(jax.device_get(state.bad_step))
+    bad = int(jax.device_get(state.bad_step))  # completed-step count of the first bad update
     if bad >= 0:
         last_good = ckpt.latest_step()
         loss, gnorm = float(jax.device_get(state.bad_loss)), float(jax.device_get(state.bad_grad_norm))
         what = "loss" if not np.isfinite(loss) else "gradient norm"
         kept = f"the last good one (step {last_good}) is kept" if last_good is not None else "there is no earlier one"
         raise DivergenceError(
-            f"training diverged: non-finite {what} at step {bad} (loss={loss}, grad_norm={gnorm}); "
-            f"no checkpoint of the diverged state was written, {kept}"
+            f"training diverged: non-finite {what} in step {bad} (the update from step {bad - 1} to {bad}; "
+            f"loss={loss}, grad_norm={gnorm}); no checkpoint of the diverged state was written, {kept}"
         )
 
 
@@ -88,15 +99,42 @@ def _meta(config: Any, step: int) -> dict[str, Any]:
 
 
 def _log_row(metrics: dict, schedules: dict, step: int, images: int, seconds: float, steps: int) -> dict:
+    """The row of ``step``: the metrics of the update from ``step - 1`` to ``step`` and the schedule
+    values that update used (schedules are functions of the completed-step count before it)."""
     row = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    row.update({k: float(f(step)) for k, f in schedules.items()})
+    row.update({k: float(f(step - 1)) for k, f in schedules.items()})
     row["images_per_s"] = images / max(seconds, 1e-9)
     row["seconds_per_step"] = seconds / max(steps, 1)
     return row
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
-    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
+def _saved_config(workdir: str, ckpt: Checkpointer, step: int) -> dict | None:
+    """The config the checkpoint at ``step`` was saved with (its meta; else config.json)."""
+    try:
+        saved = ckpt.meta(step).get("config")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("Cannot read the meta of checkpoint %s/%d: %s", ckpt.directory, step, e)
+        saved = None
+    path = os.path.join(workdir, "config.json")
+    if saved is None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"cannot read {path}: {e}") from e
+    return saved
+
+
+def train_and_evaluate(
+    config: Any, workdir: str, allow_config_change: str | Sequence[str] = ()
+) -> TrainState:
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the final state.
+
+    ``allow_config_change``: keys (or 'all') that may differ from the saved config on resume
+    beyond the bookkeeping ones (see :mod:`ssl_ad.train.config_history`); recorded in
+    ``workdir/config_history.jsonl``.
+    """
+    validate_train_config(config)  # before anything is loaded or written
     sharding.maybe_initialize_distributed()
     check_workdir(workdir)
     mesh = sharding.data_mesh()
@@ -105,18 +143,25 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
 
     split = load_split(config.data, config.data.train_split)
     method = build_method(config)
-    tx, schedules = make_optimizer(config.optim, config.total_steps, config.batch_size)
+    tx, schedules = make_optimizer(config.optim, config.total_steps, config.batch_size, method=config.method)
     schedules = {**schedules, **method.schedules()}
 
     with _StopRequest() as stop:  # SIGTERM from here on: finish the step, save, stop (exit code 0)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
         try:
-            return _train(config, workdir, split, method, tx, schedules, mesh, ckpt, stop)
+            latest = ckpt.latest_step()
+            resume = None
+            if latest is not None:  # refused before config.json or anything else is written
+                saved = _saved_config(workdir, ckpt, latest)
+                resume = config_history.check_resume(saved, config, latest, allow_config_change, workdir)
+            return _train(config, workdir, split, method, tx, schedules, mesh, ckpt, stop, resume)
         finally:
             ckpt.close()  # waits for an in-flight (async) save, also when training stops with an error
 
 
-def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpointer, stop: _StopRequest) -> TrainState:
+def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpointer, stop: _StopRequest,
+           resume: config_history.ResumeCheck | None) -> TrainState:
+    t_start = time.perf_counter()
     latest = ckpt.latest_step()
     start_step = int(latest or 0)
 
@@ -135,9 +180,22 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
         log.info("Training already complete (step %d of %d); nothing to do.", start_step, config.total_steps)
         return state
 
+    if resume is not None:
+        resume.log()
+        row = resume.record()
+        if row is not None:
+            config_history.append_history(workdir, row)
+    elif latest is None:
+        config_history.append_history(workdir, {"event": "start", "step": 0})
     atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
     writer.truncate_after(start_step)
+    collapse = CollapseMonitor()
+    last_row: dict = {}
+    if os.path.exists(writer.path):  # the kept rows of the earlier runs: the collapse streak continues
+        for kept in read_metrics(writer.path):
+            collapse.update(int(kept["step"]), kept, announce=False)
+            last_row = kept
     step_fn = jax.jit(
         make_train_step(method, tx, config.seed, config.get("inject_nan_at_step", -1)), donate_argnums=(0,)
     )
@@ -153,6 +211,11 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
     delay = float(os.environ.get(STEP_DELAY_ENV, "") or 0.0)
     t_last, step_last = time.perf_counter(), step
     bar = tqdm(total=config.total_steps, initial=start_step, desc=f"{config.method} train", dynamic_ncols=True)
+    status = "stopped"
+
+    def summarise(error: str | None = None) -> None:
+        _write_summary(workdir, config, status, step, last_row, collapse, time.perf_counter() - t_start, error)
+
     try:
         for batch in _prefetch(device_batches(), 2):
             state, metrics = step_fn(state, batch)
@@ -162,7 +225,9 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
                 _raise_if_diverged(state, ckpt)
                 now = time.perf_counter()
                 row = _log_row(metrics, schedules, step, (step - step_last) * config.batch_size, now - t_last, step - step_last)
+                row.update(collapse.update(step, row))
                 writer.write(step, row)
+                last_row = {"step": step, **row}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 t_last, step_last = now, step
             if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
@@ -173,12 +238,50 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
                 break
             if delay:
                 time.sleep(delay)
+    except DivergenceError as e:
+        status = "diverged"
+        summarise(str(e))
+        raise
     finally:
         bar.close()
     ckpt.wait()
     if step == config.total_steps:
+        status = "complete"
         _write_figures(method, state, config, split, workdir)
+    summarise()
     return state
+
+
+def _write_summary(workdir: str, config: Any, status: str, step: int, last_row: dict, collapse: CollapseMonitor,
+                   seconds: float, error: str | None) -> None:
+    """workdir/summary.json: how this run ended, its last logged metrics and the collapse flag."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    total = seconds
+    try:  # wall time adds up over the resumed runs
+        with open(path) as f:
+            total += float(json.load(f).get("wall_seconds_total", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    summary = {
+        "status": status,
+        "step": int(step),
+        "total_steps": int(config.total_steps),
+        "method": config.method,
+        "final_metrics": last_row,
+        **collapse.summary(),
+        "wall_seconds": round(seconds, 3),
+        "wall_seconds_total": round(total, 3),
+        "version": ssl_ad.__version__,
+    }
+    if error:
+        summary["error"] = error
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    flag = ""
+    if summary.get("collapse"):
+        flag = f"; COLLAPSE ({summary['collapse_kind']}) flagged from step {summary['collapse_first_step']}"
+    loss = last_row.get("loss")
+    log.log(logging.WARNING if flag else logging.INFO, "Run %s at step %d of %d%s%s (%s).", status, step,
+            config.total_steps, f", last logged loss {loss:.4f}" if isinstance(loss, float) else "", flag, path)
 
 
 def _prefetch(iterator, size: int):

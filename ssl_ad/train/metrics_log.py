@@ -1,4 +1,8 @@
-"""metrics.jsonl: one JSON object per logged step, appended and flushed."""
+"""metrics.jsonl: one JSON object per logged step, appended and flushed.
+
+``step`` is the number of optimiser updates completed (as checkpoints count); the row of
+step N holds the loss of the update from step N-1 to N and the schedule values it used.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ class MetricsWriter:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -13,7 +13,8 @@ from flax import struct
 class TrainState(struct.PyTreeNode):
     """step, trainable params, optimiser state, the method's extra state (e.g. DINO teacher + centre).
 
-    ``bad_step`` is the first step whose loss or gradient norm was not finite (-1 if none);
+    ``bad_step`` is the first step whose loss or gradient norm was not finite (-1 if none), counted
+    as everywhere (metrics.jsonl, checkpoints): step N is the update from step N-1 to N;
     the loop checks it before every save so a diverged state is never written.
     """
 

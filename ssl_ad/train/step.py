@@ -22,7 +22,8 @@ def make_train_step(
         def loss_fn(params):
             loss, aux = method.loss(params, state.extra, batch, rng, state.step)
             if inject_nan_at_step >= 0:
-                loss = jnp.where(state.step >= inject_nan_at_step, jnp.nan, loss)
+                # NaN from step inject_nan_at_step on: the update that completes that step and later ones.
+                loss = jnp.where(state.step + 1 >= inject_nan_at_step, jnp.nan, loss)
             return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -37,7 +38,7 @@ def make_train_step(
             params=params,
             opt_state=opt_state,
             extra=extra,
-            bad_step=jnp.where(first_bad, state.step, state.bad_step),
+            bad_step=jnp.where(first_bad, state.step + 1, state.bad_step),  # completed-step count, as logged
             bad_loss=jnp.where(first_bad, loss, state.bad_loss),
             bad_grad_norm=jnp.where(first_bad, grad_norm, state.bad_grad_norm),
         )
