@@ -16,8 +16,11 @@ one-class AUROC averaged over the 10 digits). Departures from the ImageNet recip
     jitter with p 0.3, global crops 0.5-1 and local 0.25-0.5 of the area (smaller local crops
     are often blank background), and no blur (measured: the paper's blur probabilities with
     sigma 0.1-1 px gave the same AUROC, 0.882, at ~4% more time).
-Measured (1,000 steps, ~2.5 min on 2 cores): teacher CLS kNN AUROC 0.88 (random init 0.64,
-raw pixels 0.97 with the same scorer); the student's CLS scores ~0.01 higher.
+Measured with ssl_ad's earlier augmentation/init/optimiser recipe (1,000 steps, ~2.5 min on 2
+cores): teacher CLS kNN AUROC 0.88 (raw pixels 0.97 with the same scorer). With the reference
+recipe that is now the default (torchvision jitter and crops, DINO's init, per-tensor clipping;
+README "The reference recipes") `make demo` gives 0.81; the teacher stays far from collapse
+(per-sample entropy 4.1 of log K = 5.55 at step 900).
 """
 
 from ssl_ad.config_defaults import base_config, dino_block, multicrop_data
@@ -48,8 +51,8 @@ def get_config():
     c.data.local_scale = (0.25, 0.5)
     c.data.num_local = 4
     c.data.hflip = False  # digits are not mirror-symmetric
-    # Grey digits: only brightness/contrast act (saturation and hue leave grey pixels grey;
-    # kept at the paper's values because augment.color_jitter rejects a zero saturation range).
+    # Grey digits: only brightness/contrast act (saturation and hue leave grey pixels grey; kept
+    # at the paper's values, which cost a little CPU and change nothing on grey images).
     c.data.color_jitter_p = 0.3
     c.data.color_jitter = (0.4, 0.4, 0.2, 0.1)
     c.data.grayscale_p = 0.0
