@@ -290,28 +290,25 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
+def _flatten(config: Any, prefix: str, leaf: Callable[[Any], Any]) -> dict[str, Any]:
+    data = config.to_dict() if hasattr(config, "to_dict") else config
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+            out.update(_flatten(value, f"{prefix}{key}.", leaf))
+        else:
+            out[f"{prefix}{key}"] = leaf(value)
+    return out
+
+
 def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
     """{dotted key: value} of a ConfigDict or nested dict, JSON-normalised (tuples -> lists),
     as config.json stores it."""
-    data = config.to_dict() if hasattr(config, "to_dict") else config
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = _plain(value)
-    return out
+    return _flatten(config, prefix, _plain)
 
 
 def _raw_flat(config: Any, prefix: str = "") -> dict[str, Any]:
-    data = config.to_dict() if hasattr(config, "to_dict") else config
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-            out.update(_raw_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return _flatten(config, prefix, lambda value: value)
 
 
 def _fmt(value: Any) -> str:

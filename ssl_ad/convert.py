@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -67,6 +66,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ssl_ad.data.provenance import file_sha256
 from ssl_ad.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,6 @@ def load_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
                     name, changed = name[len(prefix):], True
         out[name] = _to_numpy(v, k)
     return out
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- the mapping ----------------------------------------------------------------------------------

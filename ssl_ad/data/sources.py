@@ -13,7 +13,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,13 @@ class ImageSplit:
         return array_digest(self.images, self.labels)
 
 
-def array_digest(*arrays: np.ndarray) -> str:
-    """sha256 over the dtype, shape and bytes of each array."""
+def array_digest(*arrays: np.ndarray, labels: Sequence[str] = ()) -> str:
+    """sha256 over the dtype, shape and bytes of each array (each preceded by its label, if given)."""
     h = hashlib.sha256()
-    for a in arrays:
+    for i, a in enumerate(arrays):
         a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape};".encode())
+        label = f"{labels[i]}:" if labels else ""
+        h.update(f"{label}{a.dtype.str}{a.shape};".encode())
         h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 

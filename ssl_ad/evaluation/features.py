@@ -35,7 +35,7 @@ import numpy as np
 
 import ssl_ad
 from ssl_ad.data.pipeline import preprocess_eval
-from ssl_ad.data.sources import ImageSplit
+from ssl_ad.data.sources import ImageSplit, array_digest
 from ssl_ad.errors import UserInputError
 from ssl_ad.evaluation import embedding
 from ssl_ad.models.vit import vit_from_config
@@ -74,12 +74,9 @@ def csv_list(value: Any) -> list[str]:
 
 def params_digest(params: Any) -> str:
     """sha256 over every leaf (path, dtype, shape, bytes) of a parameter tree."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.ascontiguousarray(jax.device_get(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype.str}{a.shape};".encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+    return array_digest(*(np.asarray(jax.device_get(leaf)) for _, leaf in leaves), labels=paths)
 
 
 def signature(obj: Any) -> str:

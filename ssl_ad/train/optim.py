@@ -117,11 +117,17 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def resolve_clip_mode(optim_cfg: Any, method: str = "") -> str:
-    """'per_tensor' or 'global' ('reference' picks the method's: DINO per tensor, MAE global)."""
+def _clip_mode_name(optim_cfg: Any) -> str:
+    """``optim.clip_mode`` as given, checked against :data:`CLIP_MODES`."""
     mode = str(optim_cfg.get("clip_mode", "reference"))
     if mode not in CLIP_MODES:
         raise UserInputError(f"optim.clip_mode must be one of {CLIP_MODES}, not {mode!r}")
+    return mode
+
+
+def resolve_clip_mode(optim_cfg: Any, method: str = "") -> str:
+    """'per_tensor' or 'global' ('reference' picks the method's: DINO per tensor, MAE global)."""
+    mode = _clip_mode_name(optim_cfg)
     if mode != "reference":
         return mode
     if method not in REFERENCE_CLIP_MODE:
@@ -224,9 +230,7 @@ def make_optimizer(
     lr = lr_schedule(optim_cfg, total_steps, batch_size)
     wd = wd_schedule(optim_cfg, total_steps)
     exclude = tuple(optim_cfg.get("weight_decay_exclude", ()))
-    mode = str(optim_cfg.get("clip_mode", "reference"))
-    if mode not in CLIP_MODES:
-        raise UserInputError(f"optim.clip_mode must be one of {CLIP_MODES}, not {mode!r}")
+    _clip_mode_name(optim_cfg)  # a misspelt mode is an error even with clipping off
     parts = []
     if optim_cfg.clip_norm:
         mode = resolve_clip_mode(optim_cfg, method)
