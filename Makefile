@@ -25,7 +25,7 @@ install: $(VENV)/.core
 demo: $(VENV)/.core
 	$(BIN)/python train.py --config=configs/mae_mnist5k.py --workdir=$(RUNS)/mae
 	$(BIN)/python train.py --config=configs/dino_mnist5k.py --workdir=$(RUNS)/dino
-	$(BIN)/python evaluate.py --config=configs/eval_mnist5k.py --config.checkpoint=$(RUNS)/mae,$(RUNS)/dino --outdir=$(REPORTS)/demo
+	$(BIN)/python evaluate.py --config=configs/eval_mnist5k.py --config.checkpoint=$(RUNS)/mae --config.checkpoint=$(RUNS)/dino --outdir=$(REPORTS)/demo
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest tests

@@ -4,6 +4,8 @@
 
 Exit code 0: every result computed; 2: a user mistake (one message, nothing evaluated); 4: the
 results are written but some part failed (a scorer on a round, a plot), listed in report.md.
+It runs on one host (every device of it embeds): started as several processes (JAX_NUM_PROCESSES,
+srun with several tasks, mpirun) it exits with 2 before reading anything.
 """
 
 import shlex

@@ -131,7 +131,7 @@ def bench_training(
 
     from ssl_ad.methods import build_method
     from ssl_ad.models.vit import pool_tokens, vit_from_config
-    from ssl_ad.train import sharding
+    from ssl_ad import sharding
     from ssl_ad.train.optim import make_optimizer
     from ssl_ad.train.state import create_train_state
     from ssl_ad.train.step import make_train_step

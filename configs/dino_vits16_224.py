@@ -27,8 +27,7 @@ def get_config():
     c.checkpoint_every = 5000
     c.log_every = 100
     c.model.image_size = 224
-    c.model.patch_size = 16
-    c.model.width, c.model.depth, c.model.num_heads = 384, 12, 6  # ViT-S
+    c.model.variant = "S/16"  # width 384, depth 12, 6 heads, 16x16 patches
     c.model.posemb = "learned"
     c.model.drop_path_rate = 0.1
     c.model.dtype = "bfloat16"

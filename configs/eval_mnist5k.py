@@ -1,6 +1,6 @@
 """Anomaly-detection evaluation on mnist5k: raw pixels, random-init ViT and the given checkpoints.
 
-  python evaluate.py --config=configs/eval_mnist5k.py --config.checkpoint=runs/mae,runs/dino --outdir=reports/demo
+  python evaluate.py --config=configs/eval_mnist5k.py --config.checkpoint=runs/mae --config.checkpoint=runs/dino --outdir=reports/demo
 """
 
 from ssl_ad.config_defaults import eval_config

@@ -20,9 +20,9 @@ def get_config():
     c.data.category = "all"  # one of the 15 category names, or 'all'
     c.data.mvtec_root = ""  # the extracted archive; not needed once prepared in data.data_dir
     c.data.load_size = 256
-    c.protocols = "mvtec"
-    c.scorers = "knn,mahalanobis"
-    c.pixel_maps = "patch_knn,mae_recon"
+    c.protocols = ("mvtec",)
+    c.scorers = ("knn", "mahalanobis")
+    c.pixel_maps = ("patch_knn", "mae_recon")
     c.pca_dims = 100
     # Used for the random-init baseline when no checkpoint is given (else the first checkpoint's model).
     c.model.image_size = 224

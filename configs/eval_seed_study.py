@@ -38,12 +38,12 @@ from ssl_ad.config_defaults import eval_config
 
 def get_config():
     c = eval_config()
-    c.checkpoint = "runs/dino_vits16,runs/mae_vith14"  # written by python -m ssl_ad.convert (above)
+    c.checkpoint = ("runs/dino_vits16", "runs/mae_vith14")  # written by python -m ssl_ad.convert (above)
     c.which = "teacher"
-    c.sources = "pixels,random_init"
-    c.pooling = "cls"
-    c.protocols = "leave_one_class_out,one_class"
-    c.scorers = "knn,mahalanobis,kmeans,gmm_kmeans,gmm"  # no mae_recon: the ViT-H/14 file has no decoder
+    c.sources = ("pixels", "random_init")
+    c.pooling = ("cls",)
+    c.protocols = ("leave_one_class_out", "one_class")
+    c.scorers = ("knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm")  # no mae_recon: the ViT-H/14 file has no decoder
     c.pca_dims = 100
     c.batch_size = 128
 

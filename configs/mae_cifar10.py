@@ -11,8 +11,7 @@ def get_config():
     c.checkpoint_every = 2000
     c.log_every = 100
     c.model.image_size = 32
-    c.model.patch_size = 4
-    c.model.width, c.model.depth, c.model.num_heads = 192, 12, 3  # ViT-Ti
+    c.model.variant = "Ti/4"  # width 192, depth 12, 3 heads, 4x4 patches
     c.model.posemb = "sincos"
     c.data.name = "cifar10"
     c.data.crop_scale = (0.2, 1.0)

@@ -19,10 +19,7 @@ def get_config():
     c.checkpoint_every = 1000
     c.log_every = 50
     c.model.image_size = 224
-    c.model.patch_size = 16
-    c.model.width = 384
-    c.model.depth = 12
-    c.model.num_heads = 6
+    c.model.variant = "S/16"  # width 384, depth 12, 6 heads, 16x16 patches
     c.model.posemb = "sincos"
     c.data.name = "mvtec_ad"
     c.data.category = "all"  # one of the 15 category names, or 'all'

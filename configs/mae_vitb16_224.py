@@ -21,8 +21,7 @@ def get_config():
     c.checkpoint_every = 5000
     c.log_every = 100
     c.model.image_size = 224
-    c.model.patch_size = 16
-    c.model.width, c.model.depth, c.model.num_heads = 768, 12, 12  # ViT-B
+    c.model.variant = "B/16"  # width 768, depth 12, 12 heads, 16x16 patches
     c.model.posemb = "sincos"
     c.model.dtype = "bfloat16"
     c.data.name = "image_folder"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -11,12 +13,64 @@ from absl import logging as absl_logging
 
 from ssl_ad.errors import DivergenceError, UserInputError
 
+# TensorFlow's C++ INFO lines (e.g. "oneDNN custom operations are on", once per process that imports
+# it) say nothing to the user; its warnings and errors still show. Set before anything imports TF.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+class SayOnce(logging.Filter):
+    """Lets each distinct warning (logger + message) through once; repeats are counted, and
+    :meth:`summary` lists every repeated one with its count (logged at exit by setup_logging)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key] == 1
+
+    def summary(self) -> list[str]:
+        return [f"said {n} times in all: {message}" for (_, message), n in self.counts.items() if n > 1]
+
+
+# Third-party warnings that are expected and say nothing to the user (matched on the message).
+EXPECTED_THIRD_PARTY = (
+    # orbax's CheckpointManager opened with read_only=True (evaluation, predict, conversion checks):
+    # "CheckpointManagerOptions.read_only=True, setting ..." and "Given directory is read only=...".
+    "read_only=True, setting",
+    "Given directory is read only",
+)
+
+
+class _Expected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ssl_ad") or record.levelno >= logging.ERROR:
+            return True
+        message = record.getMessage()
+        return not any(text in message for text in EXPECTED_THIRD_PARTY)
+
 
 def setup_logging() -> None:
+    """INFO for ssl_ad, WARNING for the libraries; each distinct warning said once (repeats counted
+    and summarised at exit); expected third-party warnings of read-only use silenced."""
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "tensorflow", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    once, expected = SayOnce(), _Expected()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(expected)
+        handler.addFilter(once)
+
+    def report() -> None:
+        for line in once.summary():
+            logging.getLogger("ssl_ad").info(line)
+
+    atexit.register(report)
 
 
 # Exit codes of the entry points: 0 success; 2 a user mistake (UserInputError); 3 training diverged

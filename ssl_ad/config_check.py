@@ -2,9 +2,11 @@
 
 One declarative table, :data:`RULES`: dotted key -> rule. A rule is an interval
 (``Number("(0, 1)")``: open/closed bounds, ``inf`` for none; ``Int`` for
-integers), a set of choices, or a tuple whose entries each have a rule
-(``Pair`` adds ``lo <= hi``). :data:`TRAIN_LINKS` / :data:`EVAL_LINKS` hold
-the rules between keys (``image_size % patch_size == 0``, ...).
+integers), a set of choices, a string pattern (``Pattern``), or a tuple whose
+entries each have a rule (``Pair`` adds ``lo <= hi``). :data:`TRAIN_LINKS` /
+:data:`EVAL_LINKS` hold the rules between keys (``image_size % patch_size == 0``, ...).
+The links see the sizes ``model.variant`` (e.g. 'S/16') stands for, and a valid config
+gets them written into its model block (:func:`resolve_model_variant`).
 
 A key that a config lacks is skipped (configs written before the key existed);
 a key that is not in the table is not checked. :func:`validate_train_config`
@@ -26,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ssl_ad.errors import UserInputError
+from ssl_ad.models.variants import SIZE_KEYS, VARIANT_HELP, VARIANT_PATTERN, apply_variant
 
 _INF = math.inf
 
@@ -118,6 +121,20 @@ class Entries:
         return f"a tuple of {size}entries, each {self.each.describe()}" + (", ascending" if self.ordered else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A string that matches a regular expression as a whole (``re.fullmatch``); ``what`` says it in words."""
+
+    regex: str
+    what: str
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.regex, value) is not None
+
+    def describe(self) -> str:
+        return self.what
+
+
 def Pair(each: Number, what: str) -> Entries:
     """A ``(lo, hi)`` range: two entries, each ``each``, lo <= hi."""
     return Entries(each=each, lengths=(2,), ordered=True, what=what)
@@ -131,7 +148,7 @@ COUNT = Int("[0, inf)")
 CROP_SCALE = Pair(Number("(0, 1]"), "(lo, hi) with 0 < lo <= hi <= 1")
 K_RANGE = Pair(Int("[1, inf)"), "(lo, hi) integers with 1 <= lo <= hi")
 
-Rule = Number | Choice | Entries
+Rule = Number | Choice | Entries | Pattern
 
 # dotted key -> rule. Training keys (ssl_ad/config_defaults.py base_config, mae_block,
 # dino_block, multicrop_data, the data sets' own keys) and evaluation keys (eval_config) share
@@ -145,8 +162,8 @@ RULES: dict[str, Rule] = {
     "checkpoint_every": AT_LEAST_1,
     "log_every": AT_LEAST_1,
     "keep_checkpoints": AT_LEAST_1,
-    "inject_nan_at_step": Int("[-1, inf)"),
     # --- model
+    "model.variant": Pattern(VARIANT_PATTERN, VARIANT_HELP),  # ssl_ad.models.variants.decode_variant
     "model.image_size": AT_LEAST_1,
     "model.patch_size": AT_LEAST_1,
     "model.width": AT_LEAST_1,
@@ -192,6 +209,24 @@ RULES: dict[str, Rule] = {
     "data.box_margin": NON_NEGATIVE,
     # image folders / MVTec-like splits made from one folder
     "data.test_fraction": Number("(0, 1)"),
+    "data.val_fraction": Number("(0, 1)"),
+    # 'folder' (anomalib Folder): share of data.normal_dir held out for 'test'
+    "data.normal_test_fraction": Number("(0, 1)"),
+    # --- predict.py (ssl_ad.evaluation.predict)
+    "fpr": Number("(0, 1)"),
+    "folds": Int("[2, inf)"),
+    "overlays": COUNT,
+    "pixel_size": AT_LEAST_1,
+    "resize_mode": Choice(("crop", "pad", "stretch")),
+    "scorer": Choice(("knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm")),
+    # --- the AD monitor during training (ssl_ad.evaluation.monitor)
+    "monitor.every_steps": COUNT,
+    "monitor.max_bank": COUNT,
+    "monitor.pooling": Choice(("cls", "mean", "cls+mean")),
+    "monitor.k": AT_LEAST_1,
+    "monitor.metric": Choice(("cosine", "l2")),
+    "monitor.pca_dims": COUNT,
+    "monitor.batch_size": AT_LEAST_1,
     # --- optimiser
     "optim.base_lr": POSITIVE,
     "optim.min_lr": NON_NEGATIVE,
@@ -213,13 +248,21 @@ RULES: dict[str, Rule] = {
     "dino.hidden_dim": AT_LEAST_1,
     "dino.bottleneck_dim": AT_LEAST_1,
     "dino.num_layers": AT_LEAST_1,
-    "dino.pooling": Choice(("cls", "mean")),
+    "dino.pooling": Choice(("cls", "mean", "cls+mean")),
     "dino.student_temp": POSITIVE,
     "dino.teacher_temp": POSITIVE,
     "dino.warmup_teacher_temp": POSITIVE,
     "dino.warmup_teacher_temp_steps": COUNT,
     "dino.momentum_teacher": PROBABILITY,
     "dino.center_momentum": PROBABILITY,
+    "dino.koleo_loss_weight": NON_NEGATIVE,
+    "dino.centering": Choice(("centering", "sinkhorn_knopp")),
+    "dino.sinkhorn_iterations": AT_LEAST_1,
+    "dino.ibot_loss_weight": NON_NEGATIVE,
+    "dino.ibot_mask_ratio": Number("(0, 1)"),
+    "dino.ibot_mask_shape": Choice(("rand",)),
+    "dino.ibot_teacher_temp": POSITIVE,
+    "dino.ibot_warmup_teacher_temp": POSITIVE,
     # --- evaluation (eval_config)
     "step": Int("[-1, inf)"),
     "pca_dims": COUNT,
@@ -231,12 +274,15 @@ RULES: dict[str, Rule] = {
     "scorer_args.mahalanobis.shrinkage": Choice(("ledoit_wolf",)),
     "scorer_args.kmeans.k_range": K_RANGE,
     "scorer_args.kmeans.n_init": AT_LEAST_1,
+    "scorer_args.kmeans.elbow_samples": COUNT,  # 0 = all normals
     "scorer_args.gmm_kmeans.k_range": K_RANGE,
     "scorer_args.gmm_kmeans.drop_fraction": Number("[0, 1)"),
     "scorer_args.gmm_kmeans.n_init": AT_LEAST_1,
+    "scorer_args.gmm_kmeans.elbow_samples": COUNT,  # 0 = all normals
     "scorer_args.gmm.k_range": K_RANGE,
     "scorer_args.gmm.covariance_type": Choice(("full", "tied", "diag", "spherical")),
     "scorer_args.gmm.n_init": AT_LEAST_1,
+    "scorer_args.gmm.elbow_samples": COUNT,  # 0 = all normals
     "mae_recon.num_masks": AT_LEAST_1,
     "pixel.k": AT_LEAST_1,
     "pixel.max_bank": COUNT,
@@ -315,14 +361,31 @@ def _fmt(value: Any) -> str:
     return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
+def _resolve_variant_flat(flat: dict[str, Any], bad: list[str]) -> set[str]:
+    """Puts the sizes ``model.variant`` stands for into ``flat`` (apply_variant on a copy of the
+    model keys); on a conflict appends its message to ``bad`` and returns the model size keys
+    (their links are then skipped)."""
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    try:
+        apply_variant(model)
+    except UserInputError as e:
+        bad.append(str(e))
+        return {f"model.{k}" for k in SIZE_KEYS}
+    flat.update({f"model.{k}": v for k, v in model.items()})
+    return set()
+
+
 def violations(config: Any, links: Sequence[Link] = ()) -> list[str]:
-    """'key=value (allowed: ...)' for every key that breaks its rule, then every broken link."""
+    """'key=value (allowed: ...)' for every key that breaks its rule, a size key that contradicts
+    ``model.variant``, then every broken link (checked with the sizes the variant stands for)."""
     flat = _raw_flat(config)
     bad = []
     for key, rule in RULES.items():
         if key in flat and not rule.ok(flat[key]):
             bad.append(f"{key}={_fmt(flat[key])} (allowed: {rule.describe()})")
     failed = {b.split("=", 1)[0] for b in bad}
+    if "model.variant" not in failed:
+        failed |= _resolve_variant_flat(flat, bad)
     for link in links:
         if any(k not in flat or k in failed for k in link.keys) or not link.when(flat):
             continue
@@ -338,14 +401,37 @@ def _raise(kind: str, bad: list[str]) -> None:
         raise UserInputError(f"invalid {kind} config: " + "; ".join(bad))
 
 
+def resolve_model_variant(config: Any) -> None:
+    """Writes the sizes ``model.variant`` stands for into ``config.model``, in place
+    (:func:`ssl_ad.models.variants.apply_variant`); a config without a model block is left alone.
+
+    Raises:
+      UserInputError: an unknown variant, or a size key that contradicts it (validation reports
+        both first, among the config's other violations).
+    """
+    model = config.get("model") if hasattr(config, "get") else None
+    if model is not None and hasattr(model, "get"):
+        apply_variant(model)
+
+
 def validate_train_config(config: Any) -> None:
-    """Raises UserInputError (one line naming every bad key, its value and the allowed range)."""
+    """Raises UserInputError (one line naming every bad key, its value and the allowed range);
+    a valid config then gets ``model.variant`` resolved in place (:func:`resolve_model_variant`),
+    so the run and its saved config.json hold the sizes it stands for."""
     _raise("training", violations(config, TRAIN_LINKS))
+    resolve_model_variant(config)
 
 
 def validate_eval_config(config: Any) -> None:
-    """Raises UserInputError (one line naming every bad key, its value and the allowed range)."""
+    """Raises UserInputError (one line naming every bad key, its value and the allowed range);
+    a valid config then gets ``model.variant`` resolved in place (:func:`resolve_model_variant`)."""
     _raise("evaluation", violations(config, EVAL_LINKS))
+    resolve_model_variant(config)
+
+
+def validate_predict_config(config: Any) -> None:
+    """Raises UserInputError (one line naming every bad key, its value and the allowed range)."""
+    _raise("prediction", violations(config))
 
 
 def numeric_keys(config: Any) -> list[str]:

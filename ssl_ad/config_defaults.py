@@ -25,10 +25,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.log_every = 50
     c.keep_checkpoints = 3
-    # Testing aid: make the loss NaN from this step on (-1 = off); proves divergence handling.
-    c.inject_nan_at_step = -1
+
+    # Anomaly-detection monitor (ssl_ad.evaluation.monitor): kNN AUROC on the validation split
+    # ('<train split>:val', data.val_fraction of it) every every_steps steps and at the end,
+    # logged to metrics.jsonl as val_auroc/<protocol>. 0 = off.
+    c.monitor = ml_collections.ConfigDict()
+    c.monitor.every_steps = 0
+    c.monitor.protocols = ("one_class", "leave_one_class_out")
+    c.monitor.max_bank = 2000  # training images the kNN is fit on (stratified, fixed); 0 = all
+    c.monitor.pooling = "cls"
+    c.monitor.k = 2  # the evaluation defaults: cosine kNN, k=2, PCA to 100 dims
+    c.monitor.metric = "cosine"
+    c.monitor.pca_dims = 100
+    c.monitor.batch_size = 256
 
     c.model = ml_collections.ConfigDict()
+    # big_vision-style size name, e.g. 'S/16' (width 384, depth 12, 6 heads, MLP ratio 4, patch 16)
+    # or 'S' (patch_size kept); '' = the explicit keys below. Resolved into width/depth/num_heads/
+    # mlp_ratio/patch_size when the config is validated; a key set to a value other than both its
+    # default here and the variant's is an error (ssl_ad.models.variants.apply_variant).
+    c.model.variant = ""
     c.model.image_size = 32
     c.model.patch_size = 4
     c.model.width = 192
@@ -72,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
     c.data.threads = 0
+    # '<split>:val' is this fraction of '<split>' (per class, fixed seed 0) and '<split>:fit' the
+    # rest: train on 'train:fit', tune on 'train:val', never on the test split.
+    c.data.val_fraction = 0.1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / 256
@@ -125,21 +144,27 @@ def mae_block() -> ml_collections.ConfigDict:
 
 
 def eval_config() -> ml_collections.ConfigDict:
-    """Defaults of every evaluation config (see configs/eval_mnist5k.py)."""
-    c = ml_collections.ConfigDict()
-    c.checkpoint = ""  # comma-separated training workdirs; each becomes a feature source
+    """Defaults of every evaluation config (see configs/eval_mnist5k.py).
+
+    List-valued keys (checkpoint, sources, pooling, protocols, scorers, pixel_maps) are tuples of
+    strings (see :mod:`ssl_ad.config_lists`); the top level is not type-safe so that a config file
+    written for the former comma-string form (``c.scorers = "knn,gmm"``) still loads (deprecated;
+    every value is checked by :func:`ssl_ad.config_check.validate_eval_config`).
+    """
+    c = ml_collections.ConfigDict(type_safe=False)
+    c.checkpoint = ()  # training workdirs; each becomes a feature source
     c.step = -1  # checkpoint step (-1 = latest)
     c.which = "teacher"  # DINO encoder to embed with: 'teacher' or 'student'
-    c.sources = "pixels,random_init"  # baselines evaluated beside the checkpoints
-    c.pooling = "cls"  # 'cls', 'mean', 'cls+mean', or a comma list to compare poolings
+    c.sources = ("pixels", "random_init")  # baselines evaluated beside the checkpoints
+    c.pooling = ("cls",)  # each of 'cls', 'mean', 'cls+mean' (several: compared side by side)
     c.l2_normalize = False
     c.batch_size = 256
     c.seed = 0
     # 'leave_one_class_out', 'one_class', 'good_vs_defect' (class normal_class normal, the rest,
     # test-only classes too, anomalous), 'mvtec', 'mvtec_study'; unscoreable rounds are skipped.
-    c.protocols = "leave_one_class_out,one_class"
+    c.protocols = ("leave_one_class_out", "one_class")
     c.normal_class = "good"  # the normal class of 'good_vs_defect'
-    c.scorers = "knn,mahalanobis,kmeans,gmm_kmeans,gmm,mae_recon"
+    c.scorers = ("knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm", "mae_recon")
     c.pca_dims = 100  # PCA (fit on each round's training normals) before every feature scorer; 0 = none
     # Residual norm (distance from the PCA subspace) kept as one more dimension: 'auto' = when a
     # round's normals are too few (pca_dims >= n - 1), 'always', or 'never' (plain PCA).
@@ -151,15 +176,18 @@ def eval_config() -> ml_collections.ConfigDict:
     c.scorer_args = ml_collections.ConfigDict()
     c.scorer_args.knn = ml_collections.ConfigDict({"k": 2, "metric": "cosine"})
     c.scorer_args.mahalanobis = ml_collections.ConfigDict({"shrinkage": "ledoit_wolf"})
-    # n_init=1: sklearn's own default for k-means++ ('auto'); the elbow fits 10 models per round.
-    c.scorer_args.kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "n_init": 1})
-    c.scorer_args.gmm_kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "drop_fraction": 0.06, "n_init": 1})
-    c.scorer_args.gmm = ml_collections.ConfigDict({"k_range": (1, 10), "covariance_type": "full", "n_init": 1})
+    # n_init=1: sklearn's own default for k-means++ ('auto'); the elbow fits 10 models per round, on a
+    # seeded subsample of at most elbow_samples normals (0 = all), then one model at the chosen k on all.
+    c.scorer_args.kmeans = ml_collections.ConfigDict({"k_range": (1, 10), "n_init": 1, "elbow_samples": 10000})
+    c.scorer_args.gmm_kmeans = ml_collections.ConfigDict(
+        {"k_range": (1, 10), "drop_fraction": 0.06, "n_init": 1, "elbow_samples": 10000})
+    c.scorer_args.gmm = ml_collections.ConfigDict(
+        {"k_range": (1, 10), "covariance_type": "full", "n_init": 1, "elbow_samples": 10000})
     c.scorer_args.mae_recon = ml_collections.ConfigDict({"normalize": True})
     c.mae_recon = ml_collections.ConfigDict({"num_masks": 8})
-    # Pixel-level anomaly maps (test splits with masks, e.g. MVTec AD): comma list of
-    # 'patch_knn' (patch-token kNN to the round's training tokens) and 'mae_recon'; '' = none.
-    c.pixel_maps = ""
+    # Pixel-level anomaly maps (test splits with masks, e.g. MVTec AD): any of 'patch_knn'
+    # (patch-token kNN to the round's training tokens) and 'mae_recon'; () = none.
+    c.pixel_maps = ()
     c.pixel = ml_collections.ConfigDict()
     c.pixel.k = 1  # nearest bank tokens averaged per test patch token
     c.pixel.max_bank = 20000  # memory-bank tokens (seeded subsample when a round has more; 0 = all)
@@ -180,6 +208,7 @@ def eval_config() -> ml_collections.ConfigDict:
     c.data.max_image_pixels = 89_478_485  # Pillow's decompression-bomb limit (see base_config); 0 = none
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
+    c.data.val_fraction = 0.1  # for the splits '<split>:val' / '<split>:fit' (see base_config)
 
     c.model = base_config().model
     return c
@@ -193,13 +222,25 @@ def dino_block() -> ml_collections.ConfigDict:
     d.bottleneck_dim = 256
     d.num_layers = 3  # Dense layers before the L2-normalised bottleneck
     d.norm_last_layer = True  # weight-norm scale g fixed at 1
-    d.pooling = "cls"  # backbone output fed to the head: 'cls' or 'mean' (of patch tokens)
+    d.pooling = "cls"  # backbone output fed to the head: 'cls', 'mean' (of patch tokens) or 'cls+mean' (both)
     d.student_temp = 0.1
     d.teacher_temp = 0.07  # reached after the warm-up, then constant
     d.warmup_teacher_temp = 0.04  # linear from this ...
     d.warmup_teacher_temp_steps = 0  # ... over this many steps (0 = teacher_temp throughout)
     d.momentum_teacher = 0.996  # EMA momentum, cosine to 1.0 over total_steps
     d.center_momentum = 0.9
+    # Options from DINO's successors (ssl_ad.methods.dino), off by default (= DINO as published):
+    # KoLeo regulariser on the student's pooled features of each global crop (DINOv2: 0.1).
+    d.koleo_loss_weight = 0.0
+    # Teacher targets: 'centering' (DINO's EMA centre) | 'sinkhorn_knopp' (DINOv2/SwAV, ...
+    d.centering = "centering"
+    d.sinkhorn_iterations = 3  # ... with this many iterations, DINOv2's default)
+    # iBOT masked-patch self-distillation (Zhou et al., 2022): its weight lambda2 (iBOT: 1.0) ...
+    d.ibot_loss_weight = 0.0
+    d.ibot_mask_ratio = 0.3  # ... fraction of a global crop's patches masked (iBOT pred_ratio) ...
+    d.ibot_mask_shape = "rand"  # ... uniformly at random (iBOT pred_shape='rand'; its default 'block' is not implemented)
+    d.ibot_teacher_temp = 0.07  # ... patch teacher temperature (iBOT teacher_patch_temp), reached ...
+    d.ibot_warmup_teacher_temp = 0.04  # ... linearly from this over warmup_teacher_temp_steps (warmup_teacher_patch_temp)
     return d
 
 
@@ -223,3 +264,30 @@ def multicrop_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     data.blur_sigma = (0.1, 2.0)
     data.hflip = True
     return data
+
+
+def predict_config() -> ml_collections.ConfigDict:
+    """Defaults of predict.py (scoring new images; see ssl_ad.evaluation.predict): the evaluation's
+    scorer settings (scorer_args, pca_dims, pca_residual, pooling, which, batch_size, seed, pixel)
+    plus what to read and how to decide."""
+    e = eval_config()
+    c = ml_collections.ConfigDict()
+    c.checkpoint = ""  # one training workdir; '' = raw pixels (made pixel_size square)
+    c.step = -1
+    c.which = e.which
+    c.pooling = "cls"
+    c.normal_dir = ""  # a folder (searched recursively) or glob of normal images the scorer is fit on
+    c.images = ""  # a folder or glob of the new images to score
+    c.resize_mode = "crop"  # how non-square images are made square: 'crop' | 'pad' | 'stretch'
+    c.pixel_size = 28  # raw-pixel features only
+    c.scorer = "knn"  # any feature scorer (knn, mahalanobis, kmeans, gmm_kmeans, gmm)
+    c.fpr = 0.05  # the threshold calls this fraction of normal images anomalous (out-of-fold scores)
+    c.folds = 5  # cross-fitting folds for the threshold
+    c.overlays = 8  # heat-map overlays of the highest-scoring new images (ViT checkpoints; 0 = none)
+    c.batch_size = e.batch_size
+    c.seed = e.seed
+    c.pca_dims = e.pca_dims
+    c.pca_residual = e.pca_residual
+    c.scorer_args = e.scorer_args
+    c.pixel = e.pixel
+    return c

@@ -64,21 +64,31 @@ import re
 import sys
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import ssl_ad
+from ssl_ad.checkpointing import Checkpointer, describe_mismatch
+from ssl_ad.cli import run_guarded, setup_logging
+from ssl_ad.config_defaults import base_config, dino_block, mae_block
 from ssl_ad.data.provenance import file_sha256
 from ssl_ad.errors import UserInputError
+from ssl_ad.methods.mae import MAEDecoder
+from ssl_ad.models.variants import PRESETS, decode_variant
+from ssl_ad.models.vit import resize_posemb, sincos_2d_posemb, vit_from_config
 
 log = logging.getLogger(__name__)
 
-# name -> (width, depth, heads); MLP ratio 4 throughout.
-ARCHS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_huge": (1280, 32, 16),
+# timm's size names -> big_vision's: the sizes themselves are ssl_ad.models.variants.PRESETS.
+ARCHS: dict[str, str] = {
+    "vit_tiny": "Ti",
+    "vit_small": "S",
+    "vit_base": "B",
+    "vit_large": "L",
+    "vit_huge": "H",
 }
+assert set(ARCHS.values()) <= set(PRESETS), "every --arch size must be a preset"
 _ARCH_RE = re.compile(r"^(vit_(?:tiny|small|base|large|huge))_patch(\d+)(?:_(\d+))?$")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 _IGNORED = re.compile(r"^(head|head_dist|pre_logits)(\.|$)")
@@ -101,15 +111,22 @@ class ModelSpec:
 
 
 def parse_arch(arch: str) -> tuple[ModelSpec, int | None]:
-    """'vit_small_patch16' (or timm's 'vit_small_patch16_224') -> (spec, image size in the name or None)."""
+    """'vit_small_patch16' (or timm's 'vit_small_patch16_224') -> (spec, image size in the name or None).
+
+    The sizes are those of the model variant of the same name ('vit_small_patch16' is
+    ``decode_variant('S/16')``, :data:`ARCHS` maps the names).
+
+    Raises:
+      UserInputError: a name that is not vit_{tiny,small,base,large,huge}_patch<P>[_<size>].
+    """
     m = _ARCH_RE.match(arch.strip())
     if not m:
         names = ", ".join(f"{a}_patch16" for a in ARCHS)
         raise UserInputError(
             f"unknown --arch {arch!r}; expected vit_<size>_patch<P>[_<image size>], e.g. {names}, vit_huge_patch14"
         )
-    width, depth, heads = ARCHS[m.group(1)]
-    return ModelSpec(width, depth, heads, int(m.group(2))), (int(m.group(3)) if m.group(3) else None)
+    spec = ModelSpec(**decode_variant(f"{ARCHS[m.group(1)]}/{int(m.group(2))}"))
+    return spec, (int(m.group(3)) if m.group(3) else None)
 
 
 @dataclasses.dataclass
@@ -223,8 +240,6 @@ def _square(n: int) -> int | None:
 
 
 def _sincos_with_cls(grid: int, width: int) -> np.ndarray | None:
-    from ssl_ad.models.vit import sincos_2d_posemb
-
     if width % 4:
         return None
     return sincos_2d_posemb(grid, width)
@@ -305,8 +320,6 @@ class _Mapper:
 
 
 def _resize_patch_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
-    from ssl_ad.models.vit import resize_posemb
-
     return np.asarray(resize_posemb(posemb, new_grid, method="antialiased"), np.float32)
 
 
@@ -469,8 +482,6 @@ def choose_method(conv: Converted, method: str = "auto") -> str:
 
 def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = True):
     """A full training config (base_config + the method's block) describing the converted model."""
-    from ssl_ad.config_defaults import base_config
-
     c = base_config()
     c.method = method
     c.model.image_size = conv.image_size
@@ -488,8 +499,6 @@ def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = 
     c.data.load_size = conv.image_size
     c.total_steps = 0
     if method == "mae":
-        from ssl_ad.config_defaults import mae_block
-
         c.mae = mae_block()
         c.mae.norm_pix_loss = bool(norm_pix_loss)
         if conv.decoder:
@@ -499,10 +508,6 @@ def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = 
         else:
             c.mae.decoder_depth = 0  # no decoder in the weights: encoder-only checkpoint
     elif method == "dino":
-        try:
-            from ssl_ad.config_defaults import dino_block
-        except ImportError as e:  # pragma: no cover - DINO not in this version
-            raise UserInputError("this version of ssl_ad has no DINO method; use --method=mae") from e
         c.dino = dino_block()
     else:
         raise UserInputError(f"unknown method {method!r}")
@@ -517,7 +522,6 @@ def checkpoint_state(conv: Converted, method: str) -> dict[str, Any]:
     the same weights in both places (the projection head is not converted: evaluation
     never uses it).
     """
-    import jax.numpy as jnp
 
     def arrays(tree: Any) -> Any:
         if isinstance(tree, dict):
@@ -532,13 +536,6 @@ def checkpoint_state(conv: Converted, method: str) -> dict[str, Any]:
 
 def check_against_model(conv: Converted, config: Any) -> None:
     """Compares the converted encoder (and decoder) with the shapes the Flax modules initialise."""
-    import jax
-    import jax.numpy as jnp
-
-    from ssl_ad.methods.mae import MAEDecoder
-    from ssl_ad.models.vit import vit_from_config
-    from ssl_ad.train.checkpointing import describe_mismatch
-
     vit = vit_from_config(config.model)
     x = jnp.zeros((1, vit.image_size, vit.image_size, 3), jnp.float32)
     want = jax.eval_shape(lambda: vit.init(jax.random.key(0), x)["params"])
@@ -556,9 +553,6 @@ def check_against_model(conv: Converted, config: Any) -> None:
 
 def write_checkpoint(out: str, state: dict[str, Any], config: Any, provenance: dict[str, Any]) -> str:
     """Writes ``out/checkpoints/0`` with the training loop's meta; refuses to overwrite a checkpoint."""
-    import ssl_ad
-    from ssl_ad.train.checkpointing import Checkpointer
-
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise UserInputError(f"{ckpt_dir} already holds a checkpoint; choose another --out or remove it")
@@ -644,9 +638,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--posemb", default="auto", choices=("auto", "learned", "sincos"))
     parser.add_argument("--key", default="", help="entry of the file holding the state dict (default: found)")
     args = parser.parse_args(argv)
-
-    from ssl_ad.cli import run_guarded, setup_logging
-
     setup_logging()
 
     def job():

@@ -30,6 +30,7 @@ def tiny_mae_config(data_dir: str, **overrides):
     from configs import mae_mnist5k
 
     c = mae_mnist5k.get_config()
+    c.model.variant = ""  # the sizes below instead of the config's "mu/4"
     c.data.data_dir = data_dir
     c.total_steps = 20
     c.batch_size = 16

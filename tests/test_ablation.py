@@ -25,6 +25,7 @@ def _ablation(data_dir="", **fields):
     c = ablation_config()
     c.train_config = "configs/mae_mnist5k.py"
     c.eval_config = "configs/eval_mnist5k.py"
+    c.train_overrides = dotted({"model.variant": ""})  # settings give sizes instead of the config's "mu/4"
     c.data_dir = data_dir
     for key, value in fields.items():
         setattr(c, key, value)
@@ -36,7 +37,7 @@ def _tiny(data_dir, **fields):
     c = _ablation(data_dir, grid=dotted({"mae.mask_ratio": [0.5, 0.9]}), **fields)
     c.train_overrides = dotted({
         "total_steps": 20, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
-        "model.width": 32, "model.depth": 2, "model.num_heads": 2,
+        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
         "mae.decoder_width": 32, "mae.decoder_heads": 2, "optim.warmup_steps": 5,
     })
     c.eval_overrides = dotted({"scorers": "knn", "protocols": "one_class", "tsne_points": 0, "pca_dims": 8,

@@ -19,7 +19,8 @@ from PIL import Image
 
 from configs import eval_mnist5k
 from ssl_ad.data.sources import ImageSplit, load_split
-from ssl_ad.evaluation.features import FeatureBuilder
+from ssl_ad.evaluation.features import FeatureBuilder, RandomInit
+from ssl_ad.models.vit import vit_from_config
 from ssl_ad.evaluation.runner import run_evaluation
 from ssl_ad.train.loop import train_and_evaluate
 from tests.conftest import tiny_mae_config
@@ -152,12 +153,12 @@ def test_feature_file_without_fingerprint_is_recomputed(tmp_path, caplog):
     train, test = _toy(0)
     builder = FeatureBuilder(eval_mnist5k.get_config(), train, test, folder)
     for split in (train, test):  # an old-format file: right shape, wrong numbers, no fingerprint
-        np.savez(builder._key("pixels", 0, split, "raw"), features=np.zeros((6, 192), np.float32))
+        np.savez(builder.cache_path("pixels", 0, split, "raw"), features=np.zeros((6, 192), np.float32))
     with caplog.at_level(logging.INFO, logger=FEATURES_LOG):
         fs = builder.pixels()
     assert "no fingerprint" in _messages(caplog, FEATURES_LOG)[0]
     np.testing.assert_array_equal(fs.train, train.images.reshape(6, -1).astype(np.float32) / 255.0)
-    with np.load(builder._key("pixels", 0, train, "raw"), allow_pickle=False) as f:
+    with np.load(builder.cache_path("pixels", 0, train, "raw"), allow_pickle=False) as f:
         assert json.loads(str(f["fingerprint"]))["parts"]["images"] == train.fingerprint
 
 
@@ -166,29 +167,29 @@ def test_changed_mean_or_seed_recomputes_random_init(tmp_path, caplog):
     train, test = _toy(0)
     config = eval_mnist5k.get_config()
     config.batch_size = 8
-    model = _tiny_vit_config()
+    model = vit_from_config(_tiny_vit_config(), drop_path_rate=0.0)
     norm = ml_collections.ConfigDict({"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
-    (base,) = FeatureBuilder(config, train, test, folder).random_init(model, norm)
+    (base,) = FeatureBuilder(config, train, test, folder).random_init(RandomInit("random_init", model, norm))
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=FEATURES_LOG):
-        (same,) = FeatureBuilder(config, train, test, folder).random_init(model, norm)
+        (same,) = FeatureBuilder(config, train, test, folder).random_init(RandomInit("random_init", model, norm))
     assert [m for m in _messages(caplog, FEATURES_LOG) if "reusing cached" in m]
 
     other_norm = ml_collections.ConfigDict({"mean": (0.4, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=FEATURES_LOG):
-        (moved,) = FeatureBuilder(config, train, test, folder).random_init(model, other_norm)
+        (moved,) = FeatureBuilder(config, train, test, folder).random_init(RandomInit("random_init", model, other_norm))
     (line,) = _messages(caplog, FEATURES_LOG)
     assert "recomputed" in line and "changed: mean" in line
     assert not np.array_equal(moved.train, base.train)
-    fresh = FeatureBuilder(config, train, test, str(tmp_path / "fresh")).random_init(model, other_norm)[0]
+    fresh = FeatureBuilder(config, train, test, str(tmp_path / "fresh")).random_init(RandomInit("random_init", model, other_norm))[0]
     np.testing.assert_array_equal(moved.train, fresh.train)
 
     config.seed = 1
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=FEATURES_LOG):
-        FeatureBuilder(config, train, test, folder).random_init(model, other_norm)
+        FeatureBuilder(config, train, test, folder).random_init(RandomInit("random_init", model, other_norm))
     (line,) = _messages(caplog, FEATURES_LOG)
     assert "the model parameters" in line and "seed" in line
 

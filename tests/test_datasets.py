@@ -394,6 +394,7 @@ def test_unknown_data_set_lists_names():
 
 def _shrink(c, **data):
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 2, 4, 1, 2
+    c.model.variant = ""  # the sizes below instead of the config's "S/16"
     c.model.image_size, c.model.patch_size, c.model.width, c.model.depth, c.model.num_heads = 16, 4, 32, 1, 2
     c.mae.decoder_width, c.mae.decoder_depth, c.mae.decoder_heads = 32, 1, 2
     c.optim.warmup_steps = 1

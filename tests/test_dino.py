@@ -33,6 +33,7 @@ def tiny_dino_config(data_dir: str = "", **overrides):
     c.batch_size = 16
     c.log_every = 5
     c.checkpoint_every = 20
+    c.model.variant = ""  # the sizes below instead of the config's "mu/7"
     c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
     c.model.patch_size = 7
     # At width 32 DINO's own init (Linear N(0, 0.02^2)) gives nearly identical CLS features for

@@ -5,12 +5,17 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
-from configs import eval_mnist5k
+from configs import dino_mnist5k, eval_mnist5k, mae_mnist5k
+from ssl_ad.config_check import validate_train_config
 from ssl_ad.errors import UserInputError
+from ssl_ad.evaluation.features import random_init_baselines
 from ssl_ad.evaluation.report import REQUIRED_KEYS
 from ssl_ad.evaluation.runner import run_evaluation
+from ssl_ad.event_files import read_scalars
+from ssl_ad.models.vit import vit_from_config
 from ssl_ad.train.loop import train_and_evaluate
 from tests.conftest import REPO, tiny_mae_config
 
@@ -49,10 +54,17 @@ def test_evaluation_writes_every_output_with_schema(tmp_path, data_dir, mae_run)
         assert set(REQUIRED_KEYS) <= set(row)
         assert set(row["per_round"]) == {str(i) for i in range(10)}
         assert 0.0 <= row["mean_auroc"] <= 1.0
+    # The AUROC table is also a TensorBoard event file: one scalar per row, at the checkpoint's step.
+    events = read_scalars(str(out))
+    name = os.path.basename(mae_run)
+    for row in results:
+        (step, value), = events[f"auroc/{row['protocol']}/{row['scorer']}/{row['feature']}"]
+        assert value == pytest.approx(row["mean_auroc"], rel=1e-6) and step == (10 if row["feature"] == name else 0)
     got = {(r["feature"], r["scorer"], r["protocol"]) for r in results}
     feature_scorers = ["knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm"]
     for protocol in ("leave_one_class_out", "one_class"):
-        for feature in ("pixels", "random_init", os.path.basename(mae_run)):
+        # the random-init baseline of the checkpoint's architecture is named after it
+        for feature in ("pixels", f"random_init[{os.path.basename(mae_run)}]", os.path.basename(mae_run)):
             assert all((feature, s, protocol) in got for s in feature_scorers)
         assert (os.path.basename(mae_run), "mae_recon", protocol) in got
         assert ("pixels", "mae_recon", protocol) not in got
@@ -89,3 +101,25 @@ def test_evaluate_cli_exits_nonzero_with_one_message(tmp_path, data_dir):
     )
     assert proc.returncode == 2
     assert "error: no checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_random_init_baseline_per_architecture():
+    """DINO's patch-7 and MAE's patch-4 demo models each get their own 'before SSL' row, built as the
+    method builds them; two checkpoints of one architecture share one."""
+    class Loaded:  # the part of LoadedCheckpoint the baselines read
+        def __init__(self, name, config):
+            self.name, self.config = name, config
+
+        def encoder(self):
+            return vit_from_config(self.config.model, method=self.config.method, drop_path_rate=0.0)
+
+    mae, dino = mae_mnist5k.get_config(), dino_mnist5k.get_config()
+    for c in (mae, dino):
+        validate_train_config(c)
+    found = random_init_baselines([Loaded("mae", mae), Loaded("dino", dino), Loaded("mae2", mae)], None)
+    assert [b.name for b in found] == ["random_init[mae+mae2]", "random_init[dino]"]
+    assert (found[0].model.patch_size, found[1].model.patch_size) == (4, 7)
+    assert found[1].model.init_style == "dino" and found[0].model.init_style == "mae"
+    plain = ml_collections.ConfigDict({"model": mae.model, "data": mae.data})
+    (alone,) = random_init_baselines([], plain)
+    assert alone.name == "random_init" and alone.model.patch_size == 4

@@ -424,7 +424,7 @@ def test_vit_uses_the_configured_interpolation():
 
 def test_checkpoint_saved_before_the_new_keys_loads_and_embeds_the_same(tmp_path):
     from ssl_ad.evaluation.embedding import embed_images, load_checkpoint
-    from ssl_ad.train.checkpointing import Checkpointer
+    from ssl_ad.checkpointing import Checkpointer
 
     old = _old_style_config("mae", "sincos")
     params = _init("mae", fill_legacy_model_keys(_old_style_config("mae", "sincos")))

@@ -21,11 +21,10 @@ from ssl_ad.train.optim import (
     HoldState,
     clip_per_tensor,
     decay_mask,
-    lr_schedule,
     make_optimizer,
     resolve_clip_mode,
-    wd_schedule,
 )
+from ssl_ad.schedules import lr_schedule, wd_schedule
 
 TOTAL, BATCH = 20, 256
 
@@ -278,6 +277,7 @@ def _real_params(method: str):
     from ssl_ad.methods import build_method
 
     c = (dino_mnist5k if method == "dino" else mae_mnist5k).get_config()
+    c.model.variant = ""  # the sizes below instead of the config's "mu/7" / "mu/4"
     c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
     if method == "dino":
         c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 16, 16, 8

@@ -209,6 +209,7 @@ def mvtec_run(tmp_path_factory):
     c = mae_mvtec.get_config()
     c.data.mvtec_root, c.data.data_dir, c.data.load_size = root, data_dir, 32
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 2, 4, 1, 2
+    c.model.variant = ""  # the sizes below instead of the config's "S/16"
     c.model.image_size, c.model.patch_size, c.model.width, c.model.depth, c.model.num_heads = 32, 8, 32, 1, 2
     c.mae.decoder_width, c.mae.decoder_depth, c.mae.decoder_heads = 32, 1, 2
     c.optim.warmup_steps = 1
@@ -240,11 +241,12 @@ def test_mvtec_evaluation_with_pixel_maps(mvtec_run, tmp_path):
     rows = run_evaluation(c, str(out))
 
     name = os.path.basename(workdir)
+    rand = f"random_init[{name}]"
     pixel = {(r["feature"], r["scorer"], r["protocol"]): r for r in rows if r["scorer"].startswith("pixel_")}
     assert set(pixel) == {
         (f, f"pixel_{m}", p)
         for p in ("mvtec", "mvtec_study")
-        for f, m in (("random_init", "patch_knn"), (name, "patch_knn"), (name, "mae_recon"))
+        for f, m in ((rand, "patch_knn"), (name, "patch_knn"), (name, "mae_recon"))
     }
     for row in pixel.values():
         assert set(REQUIRED_KEYS) <= set(row)
@@ -253,11 +255,11 @@ def test_mvtec_evaluation_with_pixel_maps(mvtec_run, tmp_path):
         for key in ("mean_auroc", "mean_pixel_auroc", "mean_pro"):
             assert 0.0 <= row[key] <= 1.0
         assert all(0.0 <= v <= 1.0 for v in [*row["per_round_pixel_auroc"].values(), *row["per_round_pro"].values()])
-    assert pixel[("random_init", "pixel_patch_knn", "mvtec")]["bank_tokens"] == 40  # bottle: 48 -> 40
-    assert pixel[("random_init", "pixel_patch_knn", "mvtec_study")]["bank_tokens_before_subsampling"] == 80
+    assert pixel[(rand, "pixel_patch_knn", "mvtec")]["bank_tokens"] == 40  # bottle: 48 -> 40
+    assert pixel[(rand, "pixel_patch_knn", "mvtec_study")]["bank_tokens_before_subsampling"] == 80
     # Image-level rows of both protocols are there too, fit/tested on the right rounds.
     assert {(r["feature"], r["scorer"], r["protocol"]) for r in rows if not r["scorer"].startswith("pixel_")} >= {
-        ("random_init", "knn", "mvtec"), (name, "mae_recon", "mvtec_study")}
+        (rand, "knn", "mvtec"), (name, "mae_recon", "mvtec_study")}
 
     for protocol in ("mvtec", "mvtec_study"):
         overlays = sorted(os.listdir(out / "plots" / "pixel" / protocol))

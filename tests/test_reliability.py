@@ -28,8 +28,9 @@ from ssl_ad.evaluation import report
 from ssl_ad.evaluation.embedding import load_checkpoint
 from ssl_ad.evaluation.features import FeatureBuilder
 from ssl_ad.evaluation.runner import run_evaluation
-from ssl_ad.train.checkpointing import Checkpointer
-from ssl_ad.train.loop import STEP_DELAY_ENV, train_and_evaluate
+from ssl_ad.checkpointing import Checkpointer
+from ssl_ad.train.loop import train_and_evaluate
+from tests.hooks import NAN_FROM_STEP_ENV, STEP_DELAY_ENV
 from ssl_ad.train.metrics_log import read_metrics
 from tests.conftest import REPO
 
@@ -38,23 +39,18 @@ TOTAL = 30
 TINY = {
     "mae": {
         "total_steps": TOTAL, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
-        "model.width": 32, "model.depth": 2, "model.num_heads": 2,
+        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
         "mae.decoder_width": 32, "mae.decoder_heads": 2, "optim.warmup_steps": 5,
     },
     "dino": {
         "total_steps": TOTAL, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
-        "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7,
+        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7,
         "data.num_local": 2, "data.local_size": 14,
         "dino.out_dim": 256, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32,
         "optim.warmup_steps": 5, "optim.freeze_steps": 5, "dino.warmup_teacher_temp_steps": 10,
     },
 }
-_DINO_MISSING = [p for p in ("configs/dino_mnist5k.py", "ssl_ad/methods/dino.py") if not os.path.exists(os.path.join(REPO, p))]
-METHODS = [
-    "mae",
-    pytest.param("dino", marks=pytest.mark.skipif(
-        bool(_DINO_MISSING), reason=f"DINO is not written yet: {', '.join(_DINO_MISSING)} missing")),
-]
+METHODS = ["mae", "dino"]
 # The same compiler settings as this process (conftest), so results are bit-comparable.
 ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -79,12 +75,17 @@ def train_cmd(method, data_dir, workdir, **extra):
             f"--config.data.data_dir={data_dir}", *flags]
 
 
+def with_hooks(cmd):
+    """The same train.py command run through tests/train_with_hooks.py (fault injection from the env)."""
+    return [cmd[0], "tests/train_with_hooks.py", *cmd[2:]] if cmd[1] == "train.py" else cmd
+
+
 def start(cmd, log_path):
     """Starts a training process that sleeps 0.15 s after each step (tiny steps take milliseconds),
     so that the test can signal it at a step it has seen, with seconds to spare."""
     out = open(log_path, "w")
     env = dict(ENV, **{STEP_DELAY_ENV: "0.15"})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(with_hooks(cmd), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     out.close()
     return proc
 
@@ -261,7 +262,8 @@ def test_half_written_checkpoints_are_never_taken_as_latest(tmp_path, data_dir, 
 
 def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = str(tmp_path / "nan")
-    proc = run_cli(train_cmd("mae", data_dir, workdir, total_steps=20, inject_nan_at_step=12))
+    proc = subprocess.run(with_hooks(train_cmd("mae", data_dir, workdir, total_steps=20)), cwd=REPO,
+                          env=dict(ENV, **{NAN_FROM_STEP_ENV: "12"}), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.fullmatch(
@@ -444,7 +446,7 @@ def test_feature_cache_with_an_object_array_is_refused_not_unpickled(tmp_path):
     marker = str(tmp_path / "unpickled")
     evil = np.empty(4, dtype=object)
     evil[:] = [_Payload(marker)] * 4
-    np.savez(builder._key("pixels", 0, train, "raw"), features=evil)
+    np.savez(builder.cache_path("pixels", 0, train, "raw"), features=evil)
     with pytest.raises(UserInputError, match="pickled Python objects, which are never loaded"):
         builder.pixels()
     assert not os.path.exists(marker)

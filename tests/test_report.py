@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ssl_ad
+from ssl_ad import figures
 from ssl_ad.evaluation import plots, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -198,7 +199,7 @@ def test_plot_image_grid(tmp_path: Path) -> None:
     imgs = rng.random((3, 8, 8, 3))
     err = rng.random((3, 8, 8))
     titles = ["masked", "recon", "original", "error"]
-    out = plots.plot_image_grid([imgs, imgs, imgs, err], titles, tmp_path / "g.png")
+    out = figures.plot_image_grid([imgs, imgs, imgs, err], titles, tmp_path / "g.png")
     assert _is_png(out)
     with pytest.raises(ValueError):
-        plots.plot_image_grid([imgs, err[:2]], ["a", "b"], tmp_path / "bad.png")
+        figures.plot_image_grid([imgs, err[:2]], ["a", "b"], tmp_path / "bad.png")

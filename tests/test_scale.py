@@ -33,14 +33,6 @@ from tests.conftest import REPO
 SHARDED_ATOL, SHARDED_RTOL = 1e-5, 1e-4
 
 
-def _dino_available() -> bool:
-    try:
-        import ssl_ad.methods.dino  # noqa: F401
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(REPO, "configs", "dino_mnist5k.py"))
-
-
 def tiny_config(method: str, **overrides):
     """configs/{mae,dino}_mnist5k.py shrunk to compile in seconds (no data set needed: fake images)."""
     if method == "mae":
@@ -52,6 +44,7 @@ def tiny_config(method: str, **overrides):
 
         c = dino_mnist5k.get_config()
         c.batch_size = 16
+        c.model.variant = ""  # the sizes below instead of the config's "mu/7"
         c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
         for key, value in _TINY_DINO.items():
             node = c
@@ -114,8 +107,8 @@ import jax, numpy as np
 jax.config.update('jax_disable_most_optimizations', True)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ssl_ad.methods import build_method
-from ssl_ad.train import sharding
-from ssl_ad.train.checkpointing import Checkpointer
+from ssl_ad import sharding
+from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.train.optim import make_optimizer
 from ssl_ad.train.step import make_train_step
 from tests.test_scale import init_state, tiny_config, pipeline_batches
@@ -161,8 +154,7 @@ def sharded_vs_one(method_name):
     }}
 
 out['mae'] = sharded_vs_one('mae')
-if {dino}:
-    out['dino'] = sharded_vs_one('dino')
+out['dino'] = sharded_vs_one('dino')
 
 # Checkpoint round trip with the state on a 2-device mesh: replicated (the loop's placement) and
 # split along 'data' (every leaf whose first dimension is even).
@@ -204,7 +196,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def four_devices():
-    code = _SUBPROCESS.format(repo=REPO, atol=SHARDED_ATOL, rtol=SHARDED_RTOL, dino=_dino_available())
+    code = _SUBPROCESS.format(repo=REPO, atol=SHARDED_ATOL, rtol=SHARDED_RTOL)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -314,8 +306,6 @@ def _dot_dtypes(jaxpr) -> set[tuple[str, ...]]:
 
 @pytest.mark.parametrize("method_name", ["mae", "dino"])
 def test_bfloat16_computes_in_bf16_and_keeps_float32_params(method_name):
-    if method_name == "dino" and not _dino_available():
-        pytest.skip("ssl_ad/methods/dino.py or configs/dino_mnist5k.py does not exist yet")
     c = tiny_config(method_name)
     c.model.dtype = "bfloat16"
     method = build_method(c)
@@ -337,8 +327,6 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_params(method_name):
 @pytest.mark.parametrize("method_name", ["mae", "dino"])
 def test_remat_gives_the_same_loss_and_gradients(method_name):
     """model.remat only recomputes activations in the backward pass: same loss and grads (1e-5)."""
-    if method_name == "dino" and not _dino_available():
-        pytest.skip("ssl_ad/methods/dino.py or configs/dino_mnist5k.py does not exist yet")
     out = {}
     for remat in (False, True):
         c = tiny_config(method_name)

@@ -14,6 +14,7 @@ import pytest
 
 from ssl_ad.errors import DivergenceError, UserInputError
 from ssl_ad.train import config_history
+from tests import hooks
 from ssl_ad.train.collapse import ONE_DIM_FRACTION, PATIENCE, UNIFORM_FRACTION, CollapseMonitor
 from ssl_ad.train.loop import SUMMARY_FILE, train_and_evaluate
 from ssl_ad.train.metrics_log import read_metrics
@@ -22,7 +23,7 @@ from tests.conftest import REPO, tiny_mae_config
 
 ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 TINY_MAE_FLAGS = ["--config.batch_size=16", "--config.log_every=5", "--config.checkpoint_every=10",
-                  "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                  "--config.model.variant=", "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
                   "--config.mae.decoder_width=32", "--config.mae.decoder_heads=2", "--config.optim.warmup_steps=5"]
 
 
@@ -151,9 +152,10 @@ def test_logged_schedules_are_those_the_step_used(data_dir, finished_mae):
 # Case 9: one step convention (completed optimiser updates) everywhere.
 
 
-def test_divergence_names_the_step_metrics_would_log(tmp_path, data_dir):
+def test_divergence_names_the_step_metrics_would_log(tmp_path, data_dir, monkeypatch):
     workdir = str(tmp_path / "nan")
-    c = tiny_mae_config(data_dir, total_steps=10, log_every=1, checkpoint_every=2, inject_nan_at_step=4)
+    hooks.install(monkeypatch.setattr, nan_from_step=4)
+    c = tiny_mae_config(data_dir, total_steps=10, log_every=1, checkpoint_every=2)
     with pytest.raises(DivergenceError) as e:
         train_and_evaluate(c, workdir)
     assert str(e.value).startswith(

@@ -20,6 +20,7 @@ def get_config():
         "batch_size": 64,
         "checkpoint_every": 100,
         "log_every": 20,
+        "model.variant": "",  # the base config's "mu/4" off: the sizes below instead
         "model.width": 64,
         "model.depth": 3,
         "model.num_heads": 2,
@@ -28,8 +29,8 @@ def get_config():
         "optim.warmup_steps": 20,
     })
     c.eval_overrides = dotted({
-        "scorers": "knn,mahalanobis",
-        "protocols": "one_class",
+        "scorers": ("knn", "mahalanobis"),
+        "protocols": ("one_class",),
         "tsne_points": 0,
         "pca_dims": 0,  # the features have 64 dims
     })

@@ -15,5 +15,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"dino.momentum_teacher": [0.95, 0.99, 0.996]})
     c.seeds = 3
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis"), "tsne_points": 0})
     return c

@@ -14,5 +14,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"data.num_local": [0, 2, 4, 6]})
     c.seeds = 3
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis"), "tsne_points": 0})
     return c

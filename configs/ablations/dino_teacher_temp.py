@@ -14,5 +14,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"dino.teacher_temp": [0.04, 0.06, 0.07]})
     c.seeds = 3
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis"), "tsne_points": 0})
     return c

@@ -16,5 +16,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"mae.mask_ratio": [0.5, 0.75, 0.9]})
     c.seeds = 3
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis,mae_recon", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis", "mae_recon"), "tsne_points": 0})
     return c

@@ -10,5 +10,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"mae.norm_pix_loss": [True, False]})
     c.seeds = 3
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis,mae_recon", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis", "mae_recon"), "tsne_points": 0})
     return c

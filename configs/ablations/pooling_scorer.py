@@ -14,5 +14,5 @@ def get_config():
     c.eval_config = "configs/eval_mnist5k.py"
     c.grid = dotted({"eval.pooling": ["cls", "mean"]})
     c.seeds = 2
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis,kmeans,gmm_kmeans,gmm,mae_recon", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis", "kmeans", "gmm_kmeans", "gmm", "mae_recon"), "tsne_points": 0})
     return c

@@ -11,5 +11,5 @@ def get_config():
     c.grid = dotted({"total_steps": [150, 300, 600, 1200]})
     c.seeds = 2
     c.train_overrides = dotted({"checkpoint_every": 150})
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis,mae_recon", "tsne_points": 0})
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis", "mae_recon"), "tsne_points": 0})
     return c

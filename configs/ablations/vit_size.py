@@ -17,5 +17,6 @@ def get_config():
         {"_label": "ViT 6x192", "model.depth": 6, "model.width": 192, "model.num_heads": 3},
     ]
     c.seeds = 2
-    c.eval_overrides = dotted({"scorers": "knn,mahalanobis,mae_recon", "tsne_points": 0})
+    c.train_overrides = dotted({"model.variant": ""})  # the base config's "mu/4" off: the settings' sizes
+    c.eval_overrides = dotted({"scorers": ("knn", "mahalanobis", "mae_recon"), "tsne_points": 0})
     return c

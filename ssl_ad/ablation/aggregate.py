@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ssl_ad.ablation.grid import Plan, Run, format_value, slug_text, short_names
+from ssl_ad.ablation.grid import DIVERGED, Plan, Run, format_seconds, format_value, slug_text, short_names
 from ssl_ad.atomic import atomic_write_text
+from ssl_ad.figures import new_figure
 
 CSV_COLUMNS = (
     "setting", "seed", "status", "feature", "scorer", "protocol", "auroc", "auroc_std_over_rounds", "aupr",
@@ -57,8 +58,6 @@ def training_cost(workdir: str) -> dict[str, float]:
 
 
 def _run_status(run: Run) -> str:
-    from ssl_ad.ablation.sweep import DIVERGED
-
     if os.path.exists(os.path.join(run.workdir, DIVERGED)):
         return "diverged"
     return "done" if os.path.exists(os.path.join(run.evaldir, "results.json")) else "pending"
@@ -156,8 +155,6 @@ def csv_text(plan: Plan, records: Sequence[dict[str, Any]]) -> str:
 
 
 def _fmt_seconds(s: float) -> str:
-    from ssl_ad.ablation.sweep import format_seconds
-
     return "–" if math.isnan(s) else format_seconds(s)
 
 
@@ -259,14 +256,10 @@ def _save_png(fig, path: str) -> str:
 
 def _plot_series(path: str, title: str, xlabel: str, xs: list, series: dict[str, dict[Any, tuple[float, float]]]) -> str:
     """One line per series over the x values (numeric x: positions; otherwise categorical), std error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     numeric = all(_is_number(x) for x in xs)
     order = sorted(xs) if numeric else list(xs)
     pos = {x: (float(x) if numeric else i) for i, x in enumerate(order)}
-    fig = Figure(figsize=(max(5.5, 1.1 * len(order) + 3), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(5.5, 1.1 * len(order) + 3), 4.2)
     ax = fig.add_subplot()
     span = (max(pos.values()) - min(pos.values())) or 1.0
     for j, (name, points) in enumerate(series.items()):

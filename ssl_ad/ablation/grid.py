@@ -430,3 +430,19 @@ def make_plan(ablation: Any, outdir: str) -> Plan:
     axis_keys = [k for k, _ in settings[0].axes] if settings and settings[0].axes else []
     name = str(ablation.get("name", "") or os.path.basename(os.path.normpath(outdir)))
     return Plan(name, outdir, train_path, eval_path, settings, seeds, runs, bool(ablation.get("baselines", False)), axis_keys)
+
+
+# Marker file in a run's workdir: the run diverged; the sweep skips it until the file is deleted.
+DIVERGED = "DIVERGED.txt"
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds as '1h02m03s', '2m03s' or '3s' (rounded to whole seconds; negative counts as 0)."""
+    s = int(round(max(seconds, 0.0)))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"

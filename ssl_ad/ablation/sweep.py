@@ -39,14 +39,25 @@ import shutil
 import time
 from typing import Any, Callable
 
-from ssl_ad.ablation.grid import RESUMABLE_KEYS, Plan, Run, config_differences, make_plan, normalised
+from ssl_ad.ablation import aggregate
+from ssl_ad.ablation.grid import (
+    DIVERGED,
+    RESUMABLE_KEYS,
+    Plan,
+    Run,
+    config_differences,
+    format_seconds,
+    make_plan,
+    normalised,
+)
 from ssl_ad.atomic import atomic_write_text
 from ssl_ad.errors import DivergenceError, UserInputError
-from ssl_ad.train.checkpointing import COMMIT_FILE
+from ssl_ad.checkpointing import COMMIT_FILE
+from ssl_ad.evaluation.runner import run_evaluation
+from ssl_ad.train.loop import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
-DIVERGED = "DIVERGED.txt"
 # Evaluation keys that name locations, not what is measured.
 EVAL_LOCATION_KEYS = ("checkpoint", "data.data_dir", "data.download")
 
@@ -55,17 +66,6 @@ Hook = Callable[[str, Run], None]
 
 class SweepStopped(Exception):
     """Training of a run stopped before total_steps (SIGTERM): the sweep stops, rerun to resume."""
-
-
-def format_seconds(seconds: float) -> str:
-    s = int(round(max(seconds, 0.0)))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m{s:02d}s"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
 
 
 def latest_step(workdir: str) -> int | None:
@@ -157,8 +157,6 @@ def _write_plan(plan: Plan, ablation: Any, command: str) -> None:
 
 
 def _train(run: Run) -> None:
-    from ssl_ad.train.loop import train_and_evaluate
-
     train_and_evaluate(run.train_config, run.workdir)
     step = latest_step(run.workdir)
     if step is None or step < int(run.train_config.total_steps):
@@ -169,8 +167,6 @@ def _train(run: Run) -> None:
 
 
 def _evaluate(run: Run, command: str) -> None:
-    from ssl_ad.evaluation.runner import run_evaluation
-
     if _stored_eval_config(run) is not None:  # evaluated before with another config: start clean
         log.info("Evaluation config of %s changed since its results.json; evaluating again", run.evaldir)
         shutil.rmtree(os.path.join(run.evaldir, "features"), ignore_errors=True)
@@ -193,8 +189,6 @@ def run_ablation(
     log.info("%s", _describe_plan(plan, statuses))
     if dry_run:
         return {"plan": plan, "statuses": statuses, "stopped": None, "outputs": {}}
-
-    from ssl_ad.ablation import aggregate
 
     try:
         os.makedirs(outdir, exist_ok=True)

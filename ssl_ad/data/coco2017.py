@@ -53,7 +53,21 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
+from ssl_ad.data import provenance
+from ssl_ad.data.image_folder import (
+    ImageSettings,
+    SquareResizer,
+    crop_box,
+    max_image_pixels_of,
+    open_image,
+    pixel_limit,
+    stack_same_size,
+    to_rgb,
+    variant_name,
+)
+from ssl_ad.data.split import ImageSplit
 from ssl_ad.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -181,8 +195,6 @@ def select_images(root: str, part: str, classes, level: str, min_area: int):
 
 def _image(path: str):
     """The file path (stored as is) or, for files TF would not decode to RGB, an RGB array."""
-    from ssl_ad.data.image_folder import open_image, to_rgb
-
     if not os.path.isfile(path):
         raise UserInputError(f"COCO image {path} is missing")
     head = open_image(path, load=False)
@@ -195,6 +207,18 @@ def _image(path: str):
 # Loader.
 
 
+@dataclasses.dataclass(frozen=True)
+class CocoSettings(ImageSettings):
+    """The ``data.*`` keys of coco2017 and their defaults (plus ``data_dir`` and the image keys)."""
+
+    coco_root: str = ""  # holds annotations/, train2017/, val2017/; '': use the prepared copy as it is
+    categories: tuple[str, ...] = STUDY_CATEGORIES  # empty: STUDY_CATEGORIES
+    supercategories: tuple[str, ...] = ()  # non-empty: classes are these supercategories (categories ignored)
+    min_area: int = DEFAULT_MIN_AREA  # pixels; smaller instances do not count
+    crop_to_box: bool = False  # crop to a square around the largest counting instance
+    box_margin: float = 0.1  # with crop_to_box: added on every side, as a fraction of the box's longer side
+
+
 def _as_tuple(value) -> tuple[str, ...]:
     if not value:
         return ()
@@ -203,42 +227,33 @@ def _as_tuple(value) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-def config_from(data_cfg: Any) -> CocoConfig:
-    supercats = _as_tuple(data_cfg.get("supercategories", ()))
-    cats = _as_tuple(data_cfg.get("categories", STUDY_CATEGORIES)) or STUDY_CATEGORIES
+def config_from(s: CocoSettings) -> CocoConfig:
+    """The builder config (classes, level, min_area) that ``s`` selects."""
+    supercats = _as_tuple(s.supercategories)
+    cats = _as_tuple(s.categories) or STUDY_CATEGORIES
     classes, level = (supercats, "supercategory") if supercats else (cats, "category")
     if len(set(classes)) != len(classes):
         raise UserInputError(f"data.{level.replace('category', 'categories')} has duplicates: {list(classes)}")
-    min_area = int(data_cfg.get("min_area", DEFAULT_MIN_AREA))
+    min_area = int(s.min_area)
     if min_area < 0:
         raise UserInputError(f"data.min_area must be >= 0, got {min_area}")
     return make_config(classes, level, min_area)
 
 
-def load_coco2017(data_cfg: Any, split: str):
+def load_coco2017(data_cfg: Any, split: str) -> ImageSplit:
     """The ``coco2017`` loader: see the module docstring."""
-    from PIL import Image
-
-    from ssl_ad.data.image_folder import (
-        SquareResizer,
-        crop_box,
-        max_image_pixels_of,
-        stack_same_size,
-        variant_name,
-    )
-    from ssl_ad.data.sources import ImageSplit
-
+    s = CocoSettings.from_config(data_cfg)
     if split not in PARTS:
         raise UserInputError(f"data set 'coco2017' has no split {split!r}; it has {sorted(PARTS)}")
-    cfg = config_from(data_cfg)
-    resize = SquareResizer.from_config(data_cfg)  # keys validated before any preparation
-    max_image_pixels_of(data_cfg)
-    crop = bool(data_cfg.get("crop_to_box", False))
-    margin = float(data_cfg.get("box_margin", 0.1))
+    cfg = config_from(s)
+    resize = SquareResizer.from_settings(s)  # keys validated before any preparation
+    max_image_pixels_of(s)
+    crop = bool(s.crop_to_box)
+    margin = float(s.box_margin)
     if margin < 0:
         raise UserInputError(f"data.box_margin must be >= 0, got {margin}")
 
-    builder = _builder(cfg, data_cfg)
+    builder = _builder(cfg, s)
     images, labels = [], []
     for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
         img = Image.fromarray(ex["image"])
@@ -262,16 +277,13 @@ def load_coco2017(data_cfg: Any, split: str):
     )
 
 
-def _builder(cfg: CocoConfig, data_cfg: Any) -> Coco2017:
+def _builder(cfg: CocoConfig, s: CocoSettings) -> Coco2017:
     """The prepared builder of ``cfg``, (re-)prepared from ``data.coco_root`` when its files changed."""
-    from ssl_ad.data import provenance
-    from ssl_ad.data.image_folder import pixel_limit
-    from ssl_ad.data.sources import data_dir_of
 
     def make() -> Coco2017:
-        return Coco2017(config=cfg, data_dir=data_dir_of(data_cfg))
+        return Coco2017(config=cfg, data_dir=s.tfds_dir)
 
-    root = os.path.expanduser(str(data_cfg.get("coco_root", "") or ""))
+    root = os.path.expanduser(str(s.coco_root or ""))
     needed = [os.path.join("annotations", f"instances_{part}.json") for part in PARTS.values()] + list(PARTS.values())
     if not root or not os.path.isdir(root) or any(not os.path.exists(os.path.join(root, n)) for n in needed):
         if make().is_prepared():
@@ -292,7 +304,7 @@ def _builder(cfg: CocoConfig, data_cfg: Any) -> Coco2017:
     }
 
     def prepare(builder: Coco2017) -> None:
-        with pixel_limit(data_cfg):
+        with pixel_limit(s):
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
 
     return provenance.ensure_prepared(make, f"coco2017/{cfg.name}", source, prepare, where=root)

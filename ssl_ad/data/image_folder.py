@@ -50,13 +50,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageFile, ImageOps
 
+from ssl_ad.data.split import DataSettings, ImageSplit
 from ssl_ad.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -70,13 +73,31 @@ _NOT_DECODABLE = ("MPEG",)  # Pillow identifies these but cannot decode their pi
 
 
 # ---------------------------------------------------------------------------
+# Settings blocks.
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings(DataSettings):
+    """The image keys (and their defaults) of every loader that decodes image files: image_folder, MVTec AD, COCO."""
+
+    load_size: int = 0  # 0: native size (see the module doc)
+    resize_mode: str = "crop"  # RESIZE_MODES
+    max_image_pixels: int | None = PILLOW_DEFAULT_MAX_PIXELS  # None: Pillow's default; 0: no limit
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSettings(ImageSettings):
+    """The ``data.*`` keys of image_folder and their defaults (``data_dir`` is the images' root)."""
+
+    test_fraction: float = 0.2  # flat layout: share of each class that goes to 'test'
+
+
+# ---------------------------------------------------------------------------
 # Shared image helpers (PIL only, no TensorFlow).
 
 
 def image_extensions() -> tuple[str, ...]:
     """Lower-case file extensions of every format Pillow can open and decode (.png, .tif, .webp, ...)."""
-    from PIL import Image, ImageFile
-
     Image.init()
     exts = []
     for ext, fmt in Image.registered_extensions().items():
@@ -91,8 +112,6 @@ def image_extensions() -> tuple[str, ...]:
 
 def to_rgb(img) -> Any:
     """Any PIL image -> mode 'RGB' (alpha dropped, 16-bit grey scaled to 8 bits)."""
-    from PIL import Image
-
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -113,8 +132,6 @@ def fit_square(img, size: int, *, nearest: bool = False, mode: str = "crop"):
     The geometry depends only on the image size, so an image and its
     same-sized mask stay aligned (padding is 0: black, or 'normal' in a mask).
     """
-    from PIL import Image, ImageOps
-
     if mode not in RESIZE_MODES:
         raise UserInputError(f"data.resize_mode must be one of {list(RESIZE_MODES)}, got {mode!r}")
     if not size or img.size == (size, size):
@@ -144,8 +161,8 @@ class SquareResizer:
     non_square: int = 0  # size 0: images kept at a non-square native size
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> SquareResizer:
-        return cls(load_size_of(data_cfg), resize_mode_of(data_cfg))
+    def from_settings(cls, settings: ImageSettings) -> SquareResizer:
+        return cls(load_size_of(settings), resize_mode_of(settings))
 
     def __call__(self, img, *, nearest: bool = False):
         if not nearest:
@@ -213,23 +230,21 @@ def stack_same_size(arrays: list[np.ndarray], what: str) -> np.ndarray:
 
 def variant_name(base: str, *parts: Any) -> str:
     """A path-safe ImageSplit name that differs between data variants (feature caches key on it)."""
-    import hashlib
-
     if not parts:
         return base
     digest = hashlib.sha1(repr(parts).encode()).hexdigest()[:8]
     return f"{base}_{digest}"
 
 
-def load_size_of(data_cfg: Any) -> int:
-    size = int(data_cfg.get("load_size", 0) or 0)
+def load_size_of(settings: ImageSettings) -> int:
+    size = int(settings.load_size or 0)
     if size < 0:
         raise UserInputError(f"data.load_size must be >= 0 (0 = native size), got {size}")
     return size
 
 
-def resize_mode_of(data_cfg: Any) -> str:
-    mode = str(data_cfg.get("resize_mode", "crop") or "crop")
+def resize_mode_of(settings: ImageSettings) -> str:
+    mode = str(settings.resize_mode or "crop")
     if mode not in RESIZE_MODES:
         raise UserInputError(
             f"data.resize_mode must be one of {list(RESIZE_MODES)} (centre crop, letterbox, or resize ignoring "
@@ -238,9 +253,9 @@ def resize_mode_of(data_cfg: Any) -> str:
     return mode
 
 
-def max_image_pixels_of(data_cfg: Any) -> int | None:
+def max_image_pixels_of(settings: ImageSettings) -> int | None:
     """Pillow's MAX_IMAGE_PIXELS from ``data.max_image_pixels`` (None = no limit)."""
-    value = data_cfg.get("max_image_pixels", PILLOW_DEFAULT_MAX_PIXELS)
+    value = settings.max_image_pixels
     value = PILLOW_DEFAULT_MAX_PIXELS if value is None else int(value)
     if value < 0:
         raise UserInputError(f"data.max_image_pixels must be >= 0 (0 = no limit), got {value}")
@@ -248,11 +263,9 @@ def max_image_pixels_of(data_cfg: Any) -> int | None:
 
 
 @contextlib.contextmanager
-def pixel_limit(data_cfg: Any) -> Iterator[None]:
+def pixel_limit(settings: ImageSettings) -> Iterator[None]:
     """Sets PIL.Image.MAX_IMAGE_PIXELS from ``data.max_image_pixels`` and restores it afterwards."""
-    from PIL import Image
-
-    limit = max_image_pixels_of(data_cfg)
+    limit = max_image_pixels_of(settings)
     before = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = limit
     try:
@@ -267,8 +280,6 @@ def open_image(path: str, what: str = "image", *, load: bool = True):
     A refusal by Pillow's decompression-bomb check names ``data.max_image_pixels``. With
     ``load=False`` only the header is read (format, mode and size are available).
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             if load:
@@ -404,17 +415,16 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = SPLIT
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_image_folder(data_cfg: Any, split: str):
+def load_image_folder(data_cfg: Any, split: str) -> ImageSplit:
     """The ``image_folder`` loader: see the module docstring."""
-    from ssl_ad.data.sources import ImageSplit
-
-    root = os.path.expanduser(str(data_cfg.get("data_dir", "") or ""))
+    s = FolderSettings.from_config(data_cfg)
+    root = os.path.expanduser(str(s.data_dir or ""))
     if not root:
         raise UserInputError("data set 'image_folder' needs data.data_dir: the root folder of the images")
     if not os.path.isdir(root):
         raise UserInputError(f"image folder root {root} does not exist or is not a folder")
-    resizer = SquareResizer.from_config(data_cfg)
-    max_image_pixels_of(data_cfg)  # validated before any decoding
+    resizer = SquareResizer.from_settings(s)
+    max_image_pixels_of(s)  # validated before any decoding
     tree = _scan(root)
 
     if _layout(tree) == "split":
@@ -435,7 +445,7 @@ def load_image_folder(data_cfg: Any, split: str):
                 f"image folder {root} has no split folders, so it is split into ['test', 'train']; "
                 f"no split {split!r}"
             )
-        fraction = float(data_cfg.get("test_fraction", 0.2))
+        fraction = float(s.test_fraction)
         if not 0.0 < fraction < 1.0:
             raise UserInputError(f"data.test_fraction must be in (0, 1), got {fraction}")
         classes = _subdirs(root)
@@ -455,11 +465,11 @@ def load_image_folder(data_cfg: Any, split: str):
     skipped = [os.path.join(*parts, name) for parts, name in tree.skipped if in_split(parts)]
     skipped += [os.path.join(*parts, name) for parts, names in tree.images.items() if not parts for name in names]
     report_skipped(what, sorted(skipped), sum(1 for parts in tree.hidden if in_split(parts)))
-    with pixel_limit(data_cfg):
+    with pixel_limit(s):
         images = stack_same_size([decode(f, resizer) for f in files], what)
     resizer.report(what)
     name = variant_name(
-        "image_folder", os.path.abspath(root), resizer.size, float(data_cfg.get("test_fraction", 0.2)),
+        "image_folder", os.path.abspath(root), resizer.size, float(s.test_fraction),
         *(() if resizer.mode == "crop" else (resizer.mode,)),
     )
     info = dict(resizer.info, skipped_files=len(skipped))

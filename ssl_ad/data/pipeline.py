@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssl_ad.data import augment
-from ssl_ad.data.sources import ImageSplit
+from ssl_ad.data.split import ImageSplit
 from ssl_ad.errors import UserInputError
 
 

@@ -7,6 +7,7 @@ device; the last batch is padded to a fixed shape so it compiles once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable
@@ -15,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
+from ssl_ad import sharding
+from ssl_ad.progress import progress
+from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.config_defaults import fill_legacy_model_keys
 from ssl_ad.errors import UserInputError
+from ssl_ad.methods import build_method, can_reconstruct
 from ssl_ad.models.vit import ViT, pool_tokens, vit_from_config
-from ssl_ad.train import sharding
-from ssl_ad.train.checkpointing import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,11 @@ class LoadedCheckpoint:
     @property
     def can_reconstruct(self) -> bool:
         """An MAE run with its decoder (converted encoder-only MAE weights have none)."""
-        return hasattr(self.method, "reconstruction_error") and "decoder" in self.params
+        return can_reconstruct(self.method, self.params)
 
 
 def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     """Restores params and extra state of a training run (latest step unless ``step`` >= 0)."""
-    from ssl_ad.methods import build_method
-
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise UserInputError(f"no checkpoint in {workdir}: {ckpt_dir} does not exist (train first, or fix the path)")
@@ -68,9 +68,7 @@ def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     # A config saved before model.init / posemb_interpolation / cls_pos existed means the legacy
     # values (e.g. MAE checkpoints of then hold a learned cls_pos): rebuild that model.
     config = fill_legacy_model_keys(ml_collections.ConfigDict(meta["config"]))
-    import orbax.checkpoint as ocp
-
-    state = ckpt.manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state = ckpt.restore_as_saved(chosen)
     ckpt.close()
     name = os.path.basename(os.path.normpath(workdir))
     return LoadedCheckpoint(workdir, name, chosen, config, build_method(config), state["params"], state.get("extra", {}))
@@ -86,14 +84,18 @@ def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
 def batched_apply(
     fn: Callable[[Any, jax.Array], jax.Array], params: Any, inputs: np.ndarray, batch_size: int, desc: str
 ) -> np.ndarray:
-    """Applies jitted ``fn(params, batch)`` over ``inputs`` in device-sharded batches; returns NumPy."""
+    """Applies jitted ``fn(params, batch)`` over ``inputs`` in device-sharded batches; returns NumPy.
+
+    The jitted function is cached per ``fn`` (and mesh), so calling again with the same ``fn``
+    object (e.g. the training loop's AD monitor every few hundred steps) compiles once.
+    """
     mesh = sharding.data_mesh()
     batch_size = max(batch_size // jax.device_count(), 1) * jax.device_count()
     params = sharding.replicate(params, mesh)
-    jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
+    jitted = _jitted(fn, mesh)
     outputs = []
     n = inputs.shape[0]
-    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False, disable=n <= batch_size):
+    for start in progress(range(0, n, batch_size), desc=desc, leave=False, disable=n <= batch_size):
         chunk = inputs[start:start + batch_size]
         padded = _pad_to(chunk, batch_size)
         batch = jax.device_put(padded, sharding.batch_sharding(mesh))
@@ -101,10 +103,15 @@ def batched_apply(
     return np.concatenate(outputs, axis=0)
 
 
-def embed_images(
-    model: ViT, params: Any, images: np.ndarray, pooling: str, batch_size: int = 256, l2_normalize: bool = False
-) -> np.ndarray:
-    """(N, S, S, 3) normalised images -> (N, D) pooled features."""
+@functools.lru_cache(maxsize=32)
+def _jitted(fn: Callable, mesh: Any) -> Callable:
+    return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _pooled_fn(model: ViT, pooling: str, l2_normalize: bool) -> Callable[[Any, jax.Array], jax.Array]:
+    """One function object per (model, pooling, l2) (Flax modules hash by their fields), so that
+    :func:`batched_apply`'s jit cache hits on repeated calls."""
 
     def fn(p, x):
         feats = pool_tokens(model.apply({"params": p}, x), pooling, model.use_cls).astype(jnp.float32)
@@ -112,17 +119,28 @@ def embed_images(
             feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
         return feats
 
-    return batched_apply(fn, params, images, batch_size, f"embed {pooling}")
+    return fn
 
 
-def embed_patch_tokens(model: ViT, params: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(N, S, S, 3) normalised images -> (N, P, D) float32 patch tokens (CLS dropped), row-major grid."""
-
+@functools.lru_cache(maxsize=32)
+def _tokens_fn(model: ViT) -> Callable[[Any, jax.Array], jax.Array]:
     def fn(p, x):
         tokens = model.apply({"params": p}, x)
         return (tokens[:, 1:] if model.use_cls else tokens).astype(jnp.float32)
 
-    return batched_apply(fn, params, images, batch_size, "patch tokens")
+    return fn
+
+
+def embed_images(
+    model: ViT, params: Any, images: np.ndarray, pooling: str, batch_size: int = 256, l2_normalize: bool = False
+) -> np.ndarray:
+    """(N, S, S, 3) normalised images -> (N, D) pooled features."""
+    return batched_apply(_pooled_fn(model, pooling, bool(l2_normalize)), params, images, batch_size, f"embed {pooling}")
+
+
+def embed_patch_tokens(model: ViT, params: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """(N, S, S, 3) normalised images -> (N, P, D) float32 patch tokens (CLS dropped), row-major grid."""
+    return batched_apply(_tokens_fn(model), params, images, batch_size, "patch tokens")
 
 
 def reconstruction_error_maps(

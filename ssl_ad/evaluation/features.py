@@ -27,13 +27,14 @@ import re
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 import ssl_ad
+from ssl_ad.config_lists import as_names
 from ssl_ad.data.pipeline import preprocess_eval
 from ssl_ad.data.sources import ImageSplit, array_digest
 from ssl_ad.errors import UserInputError
@@ -64,12 +65,6 @@ class FeatureSet:
     test: np.ndarray
     seconds: float
     info: dict[str, Any]
-
-
-def csv_list(value: Any) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if str(v)]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def params_digest(params: Any) -> str:
@@ -176,6 +171,43 @@ def cached_array(path: str, compute: Callable[[], np.ndarray], *, fingerprint: d
     return features, status == REUSED
 
 
+@dataclasses.dataclass
+class RandomInit:
+    """One 'before SSL' baseline: a freshly initialised ViT of one architecture.
+
+    ``name`` is ``random_init[<checkpoint names joined by +>]`` (the checkpoints with this
+    architecture), or ``random_init`` when there is no checkpoint; ``model`` is the ViT as the
+    training method builds it (same widths, patch, position embedding and init rule), ``norm``
+    the data mean/std the images are normalised with.
+    """
+
+    name: str
+    model: Any
+    norm: Any
+    pairs: tuple[str, ...] = ()
+
+
+def random_init_baselines(checkpoints: Sequence[Any], config: Any) -> list[RandomInit]:
+    """One random-init baseline per distinct architecture (and normalisation) among ``checkpoints``
+    (LoadedCheckpoint), in the order they first appear; with none, one built from ``config.model``.
+
+    A DINO patch-7 model and an MAE patch-4 model thus each get their own "before SSL" row.
+    """
+    if not checkpoints:
+        return [RandomInit("random_init", vit_from_config(config.model, drop_path_rate=0.0), config.data)]
+    groups: dict[str, RandomInit] = {}
+    for loaded in checkpoints:
+        model = loaded.encoder()
+        key = signature(model) + repr((_floats(loaded.config.data.mean), _floats(loaded.config.data.std)))
+        if key in groups:
+            groups[key].pairs += (loaded.name,)
+        else:
+            groups[key] = RandomInit("", model, loaded.config.data, (loaded.name,))
+    for g in groups.values():
+        g.name = f"random_init[{'+'.join(g.pairs)}]"
+    return list(groups.values())
+
+
 class FeatureBuilder:
     """Computes (or reloads) the features of each source for the train and test splits."""
 
@@ -183,7 +215,8 @@ class FeatureBuilder:
         self.config, self.train, self.test, self.dir = config, train, test, feature_dir
         os.makedirs(feature_dir, exist_ok=True)
 
-    def _key(self, source: str, step: int, split: ImageSplit, extra: str) -> str:
+    def cache_path(self, source: str, step: int, split: ImageSplit, extra: str) -> str:
+        """The .npz file of ``source`` at ``step`` on ``split``; ``extra`` tags what was computed."""
         return os.path.join(self.dir, f"{source}-step{step}-{split.name}-{split.split}-{extra}.npz")
 
     def _both(self, source: str, step: int, extra: str, compute, wanted: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -191,7 +224,7 @@ class FeatureBuilder:
         t0 = time.perf_counter()
         out, paths, statuses = [], [], []
         for split in (self.train, self.test):
-            path = self._key(source, step, split, extra)
+            path = self.cache_path(source, step, split, extra)
             feats, status = _load_or_compute(path, lambda s=split: compute(s), dict(wanted, images=split.fingerprint))
             if feats.shape[0] != len(split):
                 raise UserInputError(f"cached features {path} do not match the split")
@@ -224,7 +257,7 @@ class FeatureBuilder:
                 images[split.split] = preprocess_eval(split.images, size, data_norm.mean, data_norm.std)
             return images[split.split]
 
-        for pooling in csv_list(cfg.pooling):
+        for pooling in as_names(cfg.pooling, "pooling"):
             tag = "-".join(t for t in (pooling, which, f"{size}px", "l2" if cfg.l2_normalize else "") if t)
             tr, te, sec = self._both(
                 name,
@@ -235,14 +268,15 @@ class FeatureBuilder:
                 ),
                 fingerprint(pooling=pooling, **base),
             )
-            label = name if len(csv_list(cfg.pooling)) == 1 else f"{name}/{pooling}"
+            label = name if len(as_names(cfg.pooling, "pooling")) == 1 else f"{name}/{pooling}"
             sets.append(FeatureSet(label, EMBEDDING, tr, te, sec, {"pooling": pooling, "step": step}))
         return sets
 
-    def random_init(self, model_cfg: Any, data_norm: Any) -> list[FeatureSet]:
-        model = vit_from_config(model_cfg, drop_path_rate=0.0)
-        params = embedding.random_init_params(model, self.config.seed)
-        return self._vit_sets("random_init", 0, model, params, data_norm, about={"seed": int(self.config.seed)})
+    def random_init(self, baseline: RandomInit) -> list[FeatureSet]:
+        """Features of a random-init baseline (parameters drawn with ``config.seed``)."""
+        params = embedding.random_init_params(baseline.model, self.config.seed)
+        return self._vit_sets(baseline.name, 0, baseline.model, params, baseline.norm,
+                              about={"seed": int(self.config.seed)})
 
     def checkpoint(self, loaded: embedding.LoadedCheckpoint) -> list[FeatureSet]:
         cfg = self.config
@@ -250,7 +284,7 @@ class FeatureBuilder:
         model = loaded.encoder()
         params = loaded.encoder_params(which)
         sets = self._vit_sets(loaded.name, loaded.step, model, params, loaded.config.data, which if which != "default" else "")
-        if loaded.can_reconstruct and "mae_recon" in csv_list(cfg.scorers):
+        if loaded.can_reconstruct and "mae_recon" in as_names(cfg.scorers, "scorers"):
             size, norm = model.image_size, loaded.config.data
             masks = int(cfg.mae_recon.num_masks)
 

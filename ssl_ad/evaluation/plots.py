@@ -11,33 +11,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+
+from ssl_ad.figures import new_figure as _new_figure
+from ssl_ad.figures import save_figure as _save
 
 __all__ = [
     "plot_roc_curves",
     "plot_auroc_bars",
     "plot_elbow",
     "plot_tsne",
-    "plot_image_grid",
-    "plot_anomaly_overlays",
     "stratified_sample",
 ]
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
 
 
 def plot_roc_curves(
@@ -158,76 +144,4 @@ def plot_tsne(
         ax.scatter(emb[a, 0], emb[a, 1], s=6, c="tab:red", label="anomalous")
         ax.set(title="normal vs anomalous", xticks=[], yticks=[])
         ax.legend(fontsize="x-small", markerscale=2)
-    return _save(fig, path)
-
-
-def plot_image_grid(rows: Sequence[np.ndarray], row_titles: Sequence[str], path: str | Path) -> Path:
-    """Image grid for MAE reconstructions (e.g. masked input / recon / original / error).
-
-    Each row is (n, H, W, 3) images in [0, 1] (clipped) or (n, H, W) error maps
-    (heat colormap, one colour scale per row). All rows share n.
-    """
-    if len(rows) != len(row_titles):
-        raise ValueError(f"{len(rows)} rows but {len(row_titles)} row titles.")
-    if not rows:
-        raise ValueError("rows is empty.")
-    n = rows[0].shape[0]
-    if any(r.shape[0] != n for r in rows):
-        raise ValueError("all rows must have the same number of images.")
-    fig = _new_figure(1.6 * n + 1, 1.6 * len(rows))
-    axes = fig.subplots(len(rows), n, squeeze=False)
-    for i, (row, title) in enumerate(zip(rows, row_titles)):
-        row = np.asarray(row, dtype=np.float32)
-        finite = row[np.isfinite(row)]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        for j in range(n):
-            ax = axes[i, j]
-            if row.ndim == 4:
-                ax.imshow(np.clip(row[j], 0.0, 1.0))
-            elif row.ndim == 3:
-                ax.imshow(row[j], cmap="inferno", vmin=vmin, vmax=vmax)
-            else:
-                raise ValueError(f"row {title!r} has shape {row.shape}; expected (n,H,W,3) or (n,H,W).")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i, 0].set_ylabel(title)
-    return _save(fig, path)
-
-
-def plot_anomaly_overlays(
-    images: np.ndarray, masks: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path
-) -> Path:
-    """One column per image: the image with the ground-truth contour (red), then the anomaly map
-    (one colour scale for all columns, so columns compare) over the image with the same contour.
-
-    ``images`` (n, H, W, 3) uint8 or floats in [0, 1]; ``masks`` (n, H, W) 0/1; ``maps`` (n, H, W).
-    """
-    images, masks, maps = np.asarray(images), np.asarray(masks), np.asarray(maps, dtype=np.float32)
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("no images to plot.")
-    if masks.shape != images.shape[:3] or maps.shape != masks.shape or len(titles) != n:
-        raise ValueError(
-            f"images {images.shape}, masks {masks.shape}, maps {maps.shape} and {len(titles)} titles disagree."
-        )
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / 255.0
-    finite = maps[np.isfinite(maps)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    fig = _new_figure(2.2 * n + 0.6, 4.6)
-    axes = fig.subplots(2, n, squeeze=False)
-    for j in range(n):
-        for i in range(2):
-            ax = axes[i, j]
-            ax.imshow(np.clip(images[j], 0.0, 1.0))
-            if i == 1:
-                im = ax.imshow(maps[j], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
-            if masks[j].any():
-                ax.contour(masks[j].astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[0, j].set_title(str(titles[j]), fontsize="small")
-    axes[0, 0].set_ylabel("image · ground truth")
-    axes[1, 0].set_ylabel("anomaly map")
-    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.04, pad=0.02)
     return _save(fig, path)

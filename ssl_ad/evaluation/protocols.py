@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+
+from ssl_ad.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +321,36 @@ def make_rounds(
     extra = {"normal_class": normal_class} if fn is good_vs_defect_rounds else {}
     return fn(train_labels, test_labels, class_names, max_train_per_round=max_train_per_round, seed=seed,
               skipped=skipped, **extra)
+
+
+def rounds_for(
+    protocol: str, train: Any, test: Any, config: Any, skipped: dict[str, str] | None = None
+) -> list[Round]:
+    """The rounds of ``protocol`` for ImageSplits ``train`` / ``test`` under an evaluation ``config``
+    (max_train_per_round, seed, normal_class, data.category): a class protocol, or 'mvtec' /
+    'mvtec_study' (anomaly = test.is_anomaly).
+
+    Unscoreable rounds are skipped and recorded in ``skipped``; a protocol with no scoreable
+    round (or an unknown one) is a UserInputError.
+    """
+    max_train, seed = int(config.max_train_per_round) or None, int(config.seed)
+    if protocol in MVTEC_VARIANTS:
+        if test.is_anomaly is None:
+            raise UserInputError(
+                f"protocol {protocol!r} needs a test split with anomaly labels (e.g. mvtec_ad); {test.name} has none"
+            )
+        category = str(config.data.get("category", "") or "")
+        try:
+            return mvtec_rounds(
+                train.labels, test.labels, test.is_anomaly, train.class_names, category == "all", protocol,
+                name=category or train.name, max_train_per_round=max_train, seed=seed, skipped=skipped,
+            )
+        except ValueError as e:
+            raise UserInputError(f"protocol {protocol!r}: {e}") from None
+    if protocol not in PROTOCOLS:
+        raise UserInputError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS) + list(MVTEC_VARIANTS)}")
+    try:
+        return make_rounds(protocol, train.labels, test.labels, train.class_names, max_train_per_round=max_train,
+                           seed=seed, skipped=skipped, normal_class=str(config.get("normal_class", "good")))
+    except ValueError as e:
+        raise UserInputError(f"protocol {protocol!r}: {e}") from None

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 import ssl_ad
+from ssl_ad.event_files import EventWriter
 from ssl_ad.atomic import atomic_write_text
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "write_results_json",
     "write_results_csv",
+    "write_event_file",
     "markdown_table",
     "write_report_md",
 ]
@@ -177,6 +179,23 @@ def markdown_table(rows: Sequence[Row]) -> str:
             out.append(f"| {f} | " + " | ".join(cells.get((f, s), "–") for s in scorers) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def write_event_file(outdir: str | Path, rows: Sequence[Row], steps: Mapping[str, int]) -> Path:
+    """TensorBoard scalars ``auroc/<protocol>/<scorer>/<feature>`` (and ``pixel_auroc/...``, ``pro/...``
+    for pixel rows) into an event file in ``outdir``, each at its feature's checkpoint step
+    (``steps``: feature name -> step; baselines 0). Returns ``outdir``."""
+    writer = EventWriter(str(outdir))
+    for r in rows:
+        name = str(r["feature"])
+        step = int(steps.get(name.split("/")[0], 0))
+        tags = {f"auroc/{r['protocol']}/{r['scorer']}/{name}": r.get("mean_auroc")}
+        if "mean_pixel_auroc" in r:
+            tags[f"pixel_auroc/{r['protocol']}/{r['scorer']}/{name}"] = r["mean_pixel_auroc"]
+            tags[f"pro/{r['protocol']}/{r['scorer']}/{name}"] = r.get("mean_pro")
+        writer.scalars(step, {k: float(v) for k, v in tags.items() if v is not None})
+    writer.close()
+    return Path(outdir)
 
 
 def write_report_md(

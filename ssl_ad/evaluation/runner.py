@@ -16,6 +16,7 @@ Rounds a protocol cannot score are skipped with their reason
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,14 +25,17 @@ from typing import Any
 import numpy as np
 
 import ssl_ad
-from ssl_ad.data.pipeline import preprocess_eval
-from ssl_ad.data.sources import ImageSplit, load_split
+from ssl_ad import figures, sharding
+from ssl_ad.config_lists import as_names
+from ssl_ad.data.sources import load_split
 from ssl_ad.errors import UserInputError
-from ssl_ad.evaluation import embedding, metrics, plots, report
-from ssl_ad.evaluation.features import EMBEDDING, RECON, FeatureBuilder, FeatureSet, csv_list
-from ssl_ad.evaluation.protocols import MVTEC_VARIANTS, PROTOCOLS, Round, make_rounds, mvtec_rounds
-from ssl_ad.evaluation.scorers import RESIDUAL_MODES, SCORERS, build_scorer
-from ssl_ad.models.vit import vit_from_config
+from ssl_ad.evaluation import embedding, plots, report
+from ssl_ad.evaluation.features import EMBEDDING, RECON, FeatureBuilder, FeatureSet, random_init_baselines
+from ssl_ad.evaluation.pixel_eval import PixelEvaluator, map_sources
+from ssl_ad.evaluation.pixel_maps import MAKERS
+from ssl_ad.evaluation.protocols import MVTEC_VARIANTS, Round, rounds_for
+from ssl_ad.evaluation.scorers import RESIDUAL_MODES, SCORERS
+from ssl_ad.evaluation.scoring import score_feature_set
 
 log = logging.getLogger(__name__)
 
@@ -50,140 +54,22 @@ def _plot(failures: list[dict], what: str, fn, *args, **kwargs):
         return None
 
 
-def _mean_std(per_round: dict[str, float]) -> tuple[float, float]:
-    """metrics.summarise over the rounds that worked; NaN when none did."""
-    return metrics.summarise(per_round) if per_round else (float("nan"), float("nan"))
-
-
 def failures_in(outdir: str) -> list[dict]:
     """The failures a finished run recorded in ``outdir/results.json`` (empty when all worked)."""
-    import json
-
     with open(os.path.join(outdir, "results.json")) as f:
         return list(json.load(f)["meta"].get("failures", []))
 
 
-def scorer_kwargs(config: Any, name: str) -> dict[str, Any]:
-    """Keyword arguments of scorer ``name`` from ``config.scorer_args`` plus the global pca_dims and seed."""
-    kwargs = dict(config.scorer_args.get(name, {}))
-    if name != "mae_recon":
-        kwargs.setdefault("pca_dims", int(config.pca_dims) or None)
-        kwargs.setdefault("pca_residual", str(config.get("pca_residual", "auto")))
-    if name in ("kmeans", "gmm_kmeans", "gmm"):
-        kwargs.setdefault("seed", int(config.seed))
-        if "k_range" in kwargs:
-            kwargs["k_range"] = tuple(kwargs["k_range"])
-    return kwargs
-
-
-def score_rounds(fs: FeatureSet, scorer_name: str, protocol: str, rounds: list[Round], config: Any) -> tuple[dict, dict]:
-    """Fits and scores one scorer on every round; returns (result row, per-round ROC curves).
-
-    A round on which the scorer raises is left out of ``per_round`` and recorded in the row's
-    ``failed_rounds`` (round -> reason); the means cover the rounds that worked (NaN if none).
-    """
-    per_round, auprs, curves, warnings, failed = {}, [], {}, [], {}
-    fit_s = score_s = 0.0
-    first_scorer = None
-    for rnd in rounds:
-        scorer = None
-        try:
-            scorer = build_scorer(scorer_name, **scorer_kwargs(config, scorer_name))
-            t0 = time.perf_counter()
-            scorer.fit(fs.train[rnd.train_idx])
-            t1 = time.perf_counter()
-            scores = scorer.score(fs.test[rnd.test_idx])
-            t2 = time.perf_counter()
-            auc = metrics.auroc(rnd.test_is_anomaly, scores)
-            ap = metrics.aupr(rnd.test_is_anomaly, scores)
-            fpr, tpr = metrics.roc_points(rnd.test_is_anomaly, scores)
-        except Exception as e:  # noqa: BLE001 - one round's failure must not lose the others
-            failed[rnd.name] = _reason(e)
-            log.warning("%s / %s / %s: round %r failed: %s", fs.name, scorer_name, protocol, rnd.name, _reason(e))
-            continue
-        finally:
-            if scorer is not None:
-                warnings.extend(w for w in scorer.warnings if w not in warnings)
-        fit_s, score_s = fit_s + t1 - t0, score_s + t2 - t1
-        per_round[rnd.name] = auc
-        auprs.append(ap)
-        curves[rnd.name] = (fpr, tpr, auc)
-        first_scorer = first_scorer or scorer
-    mean, std = _mean_std(per_round)
-    row = {
-        "feature": fs.name,
-        "scorer": scorer_name,
-        "protocol": protocol,
-        "mean_auroc": mean,
-        "std_auroc": std,
-        "mean_aupr": float(np.mean(auprs)) if auprs else float("nan"),
-        "per_round": per_round,
-        "fit_seconds": fit_s,
-        "score_seconds": score_s,
-        "warnings": warnings,
-        "feature_dims": int(fs.train.shape[1]),
-        "failed_rounds": failed,
-    }
-    k = getattr(first_scorer, "fitted_k", None)
-    k = getattr(first_scorer, "k", None) if k is None else k
-    if k is not None:
-        row["k_first_round"] = int(k)
-    return row, {"curves": curves, "scorer": first_scorer}
-
-
-def _rounds_for(
-    protocol: str, train: ImageSplit, test: ImageSplit, config: Any, skipped: dict[str, str] | None = None
-) -> list[Round]:
-    """The rounds of ``protocol``: a class protocol, or 'mvtec' / 'mvtec_study' (anomaly = test.is_anomaly).
-
-    Unscoreable rounds are skipped and recorded in ``skipped``; a protocol with no scoreable
-    round (or an unknown one) is a UserInputError.
-    """
-    max_train, seed = int(config.max_train_per_round) or None, int(config.seed)
-    if protocol in MVTEC_VARIANTS:
-        if test.is_anomaly is None:
-            raise UserInputError(
-                f"protocol {protocol!r} needs a test split with anomaly labels (e.g. mvtec_ad); {test.name} has none"
-            )
-        category = str(config.data.get("category", "") or "")
-        try:
-            return mvtec_rounds(
-                train.labels, test.labels, test.is_anomaly, train.class_names, category == "all", protocol,
-                name=category or train.name, max_train_per_round=max_train, seed=seed, skipped=skipped,
-            )
-        except ValueError as e:
-            raise UserInputError(f"protocol {protocol!r}: {e}") from None
-    if protocol not in PROTOCOLS:
-        raise UserInputError(f"unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS) + list(MVTEC_VARIANTS)}")
-    try:
-        return make_rounds(protocol, train.labels, test.labels, train.class_names, max_train_per_round=max_train,
-                           seed=seed, skipped=skipped, normal_class=str(config.get("normal_class", "good")))
-    except ValueError as e:
-        raise UserInputError(f"protocol {protocol!r}: {e}") from None
-
-
 def _pixel_stage(config, train, test, checkpoints, protocol_rounds, builder, plot_dir, failures) -> tuple[list, list]:
-    """Pixel-level rows (pixel_<maker>) and plots for every source and MVTec round; see pixel_maps."""
-    from ssl_ad.evaluation.pixel_maps import MapSource, PixelEvaluator
-
-    makers = csv_list(config.pixel_maps)
+    """Pixel-level rows (pixel_<maker>) and plots for every source and MVTec round; see pixel_eval."""
+    makers = as_names(config.pixel_maps, "pixel_maps")
     if test.masks is None or test.is_anomaly is None:
         log.warning("pixel_maps=%s skipped: %s/%s has no ground-truth masks", makers, test.name, test.split)
         return [], []
     if not protocol_rounds:  # no MVTec protocol requested: the standard one
-        protocol_rounds = {"mvtec": _rounds_for("mvtec", train, test, config)}
-    sources = []
-    if "random_init" in csv_list(config.sources):
-        ref = checkpoints[0].config if checkpoints else config
-        model = vit_from_config(ref.model, drop_path_rate=0.0)
-        params = embedding.random_init_params(model, config.seed)
-        sources.append(MapSource("random_init", 0, model, params, ref.data if checkpoints else config.data))
-    for loaded in checkpoints:
-        which = config.which if loaded.config.method == "dino" else "default"
-        sources.append(MapSource(loaded.name, loaded.step, loaded.encoder(), loaded.encoder_params(which),
-                                 loaded.config.data, loaded.method, loaded.params))
-    evaluator = PixelEvaluator(config, train, test, makers, cache_path=builder._key)
-    rows, paths = evaluator.evaluate(sources, protocol_rounds, plot_dir)
+        protocol_rounds = {"mvtec": rounds_for("mvtec", train, test, config)}
+    evaluator = PixelEvaluator(config, train, test, makers, cache_path=builder.cache_path)
+    rows, paths = evaluator.evaluate(map_sources(config, checkpoints), protocol_rounds, plot_dir)
     for protocol in protocol_rounds:
         sub = [r for r in rows if r["protocol"] == protocol]
         for key, label in (("pixel_auroc", "pixel AUROC"), ("pro", f"PRO (FPR ≤ {evaluator.max_fpr:g})")):
@@ -199,9 +85,14 @@ def _applicable(fs: FeatureSet, scorer_name: str) -> bool:
 
 
 def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str, Any]]:
-    """The whole evaluation; writes results.json/.csv, report.md, plots/ and features/ into ``outdir``."""
+    """The whole evaluation; writes results.json/.csv, report.md, plots/ and features/ into ``outdir``.
+
+    Runs on one host (all its devices embed); as one of several processes (``jax.distributed``,
+    ``srun`` with several tasks) it refuses with a UserInputError before reading or writing anything.
+    """
+    sharding.require_one_process("evaluate.py")
     t_start = time.perf_counter()
-    scorer_names = csv_list(config.scorers)
+    scorer_names = as_names(config.scorers, "scorers")
     unknown = [s for s in scorer_names if s not in SCORERS]
     if unknown:
         raise UserInputError(f"unknown scorer(s) {unknown}; choose from {sorted(SCORERS)}")
@@ -211,30 +102,27 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
         os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
     except OSError as e:
         raise UserInputError(f"cannot write outdir {outdir}: {e.strerror}") from e
-    pixel_makers = csv_list(config.get("pixel_maps", ""))
-    if pixel_makers:
-        from ssl_ad.evaluation.pixel_maps import MAKERS
-
-        if [m for m in pixel_makers if m not in MAKERS]:
-            raise UserInputError(f"unknown pixel map maker(s) in {pixel_makers}; choose from {list(MAKERS)}")
-    checkpoints = [embedding.load_checkpoint(w, int(config.step)) for w in csv_list(config.checkpoint)]
+    pixel_makers = as_names(config.get("pixel_maps", ()), "pixel_maps")
+    if [m for m in pixel_makers if m not in MAKERS]:
+        raise UserInputError(f"unknown pixel map maker(s) in {pixel_makers}; choose from {list(MAKERS)}")
+    checkpoints = [embedding.load_checkpoint(w, int(config.step)) for w in as_names(config.checkpoint, "checkpoint")]
     train = load_split(config.data, config.data.train_split)
     test = load_split(config.data, config.data.test_split)
     # Every protocol's rounds before any feature is computed: an unusable protocol fails early.
     protocol_rounds: dict[str, list[Round]] = {}
     skipped_rounds: dict[str, dict[str, str]] = {}
-    for protocol in csv_list(config.protocols):
+    for protocol in as_names(config.protocols, "protocols"):
         skipped_rounds[protocol] = {}
-        protocol_rounds[protocol] = _rounds_for(protocol, train, test, config, skipped_rounds[protocol])
+        protocol_rounds[protocol] = rounds_for(protocol, train, test, config, skipped_rounds[protocol])
     builder = FeatureBuilder(config, train, test, os.path.join(outdir, "features"))
 
     feature_sets: list[FeatureSet] = []
-    sources = csv_list(config.sources)
+    sources = as_names(config.sources, "sources")
     if "pixels" in sources:
         feature_sets.append(builder.pixels())
     if "random_init" in sources:
-        ref = checkpoints[0].config if checkpoints else config
-        feature_sets.extend(builder.random_init(ref.model, ref.data if checkpoints else config.data))
+        for baseline in random_init_baselines(checkpoints, config):
+            feature_sets.extend(builder.random_init(baseline))
     for loaded in checkpoints:
         feature_sets.extend(builder.checkpoint(loaded))
     for fs in feature_sets:
@@ -245,10 +133,8 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
     first_protocol = next(iter(protocol_rounds), None)
     for protocol, rounds in protocol_rounds.items():
         for fs in feature_sets:
-            for scorer_name in scorer_names:
-                if not _applicable(fs, scorer_name):
-                    continue
-                row, extra = score_rounds(fs, scorer_name, protocol, rounds, config)
+            names = [s for s in scorer_names if _applicable(fs, s)]  # one round at a time, sharing its fits
+            for scorer_name, (row, extra) in zip(names, score_feature_set(fs, names, protocol, rounds, config)):
                 row["skipped_rounds"] = dict(skipped_rounds[protocol])
                 rows.append(row)
                 for name, why in row["failed_rounds"].items():
@@ -300,8 +186,10 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
                 meta_warnings.extend(f"t-SNE of {fs.name}: {n}" for n in notes)
     for loaded in checkpoints:
         if loaded.can_reconstruct:
-            plot_paths.append(_plot(failures, f"recon_{loaded.name}", _reconstruction_grid, loaded, test,
-                                    os.path.join(plot_dir, f"recon_{loaded.name}.png"), config.seed))
+            first = [int(np.flatnonzero(test.labels == c)[0]) for c in np.unique(test.labels)][:8]  # one per class
+            plot_paths.append(_plot(failures, f"recon_{loaded.name}", figures.reconstruction_grid, loaded.method,
+                                    loaded.params, test.images[first], loaded.config.model.image_size,
+                                    loaded.config.data, config.seed, os.path.join(plot_dir, f"recon_{loaded.name}.png")))
     plot_paths = [p for p in plot_paths if p is not None]
 
     meta = {
@@ -318,23 +206,7 @@ def run_evaluation(config: Any, outdir: str, command: str = "") -> list[dict[str
     }
     report.write_results_json(os.path.join(outdir, "results.json"), rows, meta)
     report.write_results_csv(os.path.join(outdir, "results.csv"), rows)
+    report.write_event_file(outdir, rows, {c.name: c.step for c in checkpoints})
     rel = [os.path.relpath(str(p), outdir) for p in plot_paths]
     report.write_report_md(os.path.join(outdir, "report.md"), rows, meta, rel, command)
     return rows
-
-
-def _reconstruction_grid(loaded: embedding.LoadedCheckpoint, split: ImageSplit, path: str, seed: int):
-    """Masked input / reconstruction / original / error map for the first test image of each class."""
-    import jax
-
-    first = [int(np.flatnonzero(split.labels == c)[0]) for c in np.unique(split.labels)][:8]
-    norm = loaded.config.data
-    x = preprocess_eval(split.images[first], loaded.config.model.image_size, norm.mean, norm.std)
-    out = jax.device_get(loaded.method.reconstruct(loaded.params, x, jax.random.key(seed)))
-    mean, std = np.asarray(norm.mean), np.asarray(norm.std)
-
-    def unit(a):
-        return np.clip(np.asarray(a) * std + mean, 0.0, 1.0)
-
-    rows = [unit(out["masked"]), unit(out["reconstruction"]), unit(out["original"]), np.asarray(out["error"])]
-    return plots.plot_image_grid(rows, ["masked input", "reconstruction", "original", "error map"], path)

@@ -32,15 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-# Usual widths: (width, depth, heads).
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "mu": (96, 4, 3),
-    "Ti": (192, 12, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "H": (1280, 32, 16),
-}
+# Usual sizes by name (model.variant, e.g. 'S/16'): PRESETS is the one table, (width, depth, heads),
+# kept with decode_variant/apply_variant in the JAX-free ssl_ad.models.variants (configs are
+# checked before JAX is loaded) and re-exported here.
+from ssl_ad.models.variants import MLP_RATIO, PRESETS, apply_variant, decode_variant  # noqa: F401
 
 INIT_STYLES = ("dino", "mae", "xavier_legacy")
 POSEMB_INTERPOLATIONS = ("torch_bicubic", "antialiased")
@@ -338,6 +333,10 @@ class ViT(nn.Module):
       drop_path_rate: stochastic depth, linearly increasing over blocks.
       remat: rematerialise blocks (trades compute for memory on large models).
       dtype: computation dtype; parameters stay float32.
+      use_mask_token: create a learned ``mask_token`` parameter (1, 1, width), zero-initialised as
+        iBOT's ``masked_embed`` (bytedance/ibot ``models/vision_transformer.py``) and DINOv2's
+        ``mask_token``, so ``__call__`` accepts ``mask``. False (the default) keeps the parameter
+        tree, and so every existing checkpoint, unchanged.
     """
 
     image_size: int = 32
@@ -354,6 +353,7 @@ class ViT(nn.Module):
     init_style: str = "reference"
     posemb_interpolation: str = "torch_bicubic"
     cls_pos: str = "reference"
+    use_mask_token: bool = False
 
     @property
     def grid(self) -> int:
@@ -411,6 +411,9 @@ class ViT(nn.Module):
             for i in range(self.depth)
         ]
         self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
+        if self.use_mask_token:
+            # Created last: the other parameters draw the same init rngs with or without it.
+            self.mask_token = self.param("mask_token", nn.initializers.zeros, (1, 1, self.width))
 
     def patchify_embed(self, images: jax.Array) -> jax.Array:
         """Patch tokens with position embeddings added (interpolated for other image sizes)."""
@@ -422,13 +425,33 @@ class ViT(nn.Module):
         return x + resize_posemb(self.pos_embed, gh, self.posemb_interpolation).astype(x.dtype)
 
     def __call__(
-        self, images: jax.Array, *, train: bool = False, keep_idx: jax.Array | None = None
+        self,
+        images: jax.Array,
+        *,
+        train: bool = False,
+        keep_idx: jax.Array | None = None,
+        mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Args: images (B, H, W, C); keep_idx (B, n_keep) optional patch indices to keep.
+        """Args: images (B, H, W, C); keep_idx (B, n_keep) optional patch indices to keep;
+        mask (B, N) optional bool over the N = (H / patch_size)**2 patches of ``images``:
+        True = the patch embedding is replaced by ``mask_token`` before the position embedding
+        is added (iBOT ``VisionTransformer.prepare_tokens``/``mask_model``). A mask is applied
+        before ``keep_idx`` selects patches.
 
         Returns: (B, [1 +] n_tokens, width) tokens after the final norm.
+
+        Raises:
+          ValueError: ``mask`` given to a model without ``use_mask_token``, or of the wrong shape.
         """
         x = self.patchify_embed(images)
+        if mask is not None:
+            if not self.use_mask_token:
+                raise ValueError("a patch mask needs a model with use_mask_token=True")
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            grid = images.shape[1] // self.patch_size
+            pos = resize_posemb(self.pos_embed, grid, self.posemb_interpolation).astype(x.dtype)
+            x = jnp.where(mask[..., None], self.mask_token.astype(x.dtype) + pos, x)
         if keep_idx is not None:
             x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
         if self.use_cls:
@@ -448,8 +471,15 @@ def vit_from_config(model_cfg: Any, method: str | None = None, **overrides: Any)
     ``posemb_interpolation`` or ``cls_pos`` gets the reference defaults; configs saved before
     these keys existed must be filled with the legacy values first
     (``ssl_ad.config_defaults.fill_legacy_model_keys``).
+
+    ``model.variant`` (e.g. 'S/16'; '' or absent: none) gives width, depth, num_heads,
+    mlp_ratio and, when named, patch_size, resolved on a copy by :func:`apply_variant` (the
+    same function config validation applies in place, so every builder sees the same sizes).
+
+    Raises:
+      UserInputError: an unknown ``model.variant``, or a size key that contradicts it.
     """
-    cfg = dict(model_cfg)
+    cfg = apply_variant(dict(model_cfg))
     fields = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name"}
     kwargs = {k: v for k, v in cfg.items() if k in fields and k != "init_style"}
     if isinstance(kwargs.get("dtype"), str):

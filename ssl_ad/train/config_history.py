@@ -43,7 +43,14 @@ BOOKKEEPING_KEYS = frozenset({
     "log_every", "checkpoint_every", "keep_checkpoints",
     "data.data_dir", "data.download", "data.threads", "data.mvtec_root", "data.coco_root",
     "model.remat",  # recompute activations in the backward pass: same numbers, less memory
-    "inject_nan_at_step",  # testing aid
+    # A name for model.width/depth/num_heads/mlp_ratio/patch_size, which validation resolves it into
+    # before this check and which are compared themselves (so a run saved before the key, or with
+    # the sizes spelled out, resumes under a config that names them 'S/16').
+    "model.variant",
+    "inject_nan_at_step",  # a former testing aid (now tests/hooks.py): configs of older runs still hold it
+    # The AD monitor only measures (on images the step never sees when training on '<split>:fit').
+    "monitor.every_steps", "monitor.protocols", "monitor.max_bank", "monitor.pooling", "monitor.k",
+    "monitor.metric", "monitor.pca_dims", "monitor.batch_size",
 })
 # What the code did before a key existed, where that differs from the key's default today: an old
 # run (config without the key) resumed with this value is unchanged. Add an entry when a new key's

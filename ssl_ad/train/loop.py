@@ -10,6 +10,12 @@ one (:mod:`ssl_ad.train.config_history`). "Step N" everywhere (metrics.jsonl,
 checkpoints, log and error messages) is the number of optimiser updates
 completed; the update from step N-1 to N is "step N". Every run ends with
 ``workdir/summary.json`` (status, step, final metrics, collapse flag, time).
+
+With several processes (``jax.distributed``, see :mod:`ssl_ad.sharding`) every
+process runs this loop on its slice of each global batch and takes part in every
+step, checkpoint and AD-monitor pass; process 0 alone writes config.json,
+config_history.jsonl, metrics.jsonl, summary.json and the figures. A SIGTERM to
+any of them stops all of them after the same step (JAX's preemption sync point).
 """
 
 from __future__ import annotations
@@ -24,39 +30,55 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
+from jax.experimental import multihost_utils
 
 import ssl_ad
+from ssl_ad import figures, sharding
 from ssl_ad.atomic import atomic_write_text
+from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.config_check import validate_train_config
 from ssl_ad.data.pipeline import train_batches
 from ssl_ad.data.sources import load_split
 from ssl_ad.errors import DivergenceError, UserInputError
-from ssl_ad.methods import build_method
-from ssl_ad.train import config_history, sharding
-from ssl_ad.train.checkpointing import Checkpointer
+from ssl_ad.evaluation.monitor import METRIC_PREFIX, ADMonitor
+from ssl_ad.progress import progress
+from ssl_ad.methods import Method, ReconstructingMethod, build_method
+from ssl_ad.train import config_history
 from ssl_ad.train.collapse import CollapseMonitor
 from ssl_ad.train.metrics_log import MetricsWriter, read_metrics
 from ssl_ad.train.optim import make_optimizer
 from ssl_ad.train.state import TrainState, create_train_state
-from ssl_ad.train.step import make_train_step
+from ssl_ad.train.step import jit_train_step
 
 log = logging.getLogger(__name__)
 
-# Testing aid: seconds to sleep after every step, so that a test can kill or preempt a run of a
-# tiny model at a step of its choosing (tiny steps take milliseconds). Unset in real runs.
-STEP_DELAY_ENV = "SSL_AD_TEST_STEP_DELAY_S"
 SUMMARY_FILE = "summary.json"
 
 
 class _StopRequest:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption) into a stop after a step; :meth:`at` is asked once after every step.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: ``jax.distributed``'s
+    preemption service owns SIGTERM (a Python handler would replace it) and tells every process
+    the same step to stop at (:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`:
+    the largest step any process had reached when the notice spread, plus one), so all save the
+    same checkpoint. Without that service (``jax_enable_preemption_service=False``) a SIGTERM
+    ends the processes (warned at the start).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._several = False
+        self._synced = False
 
     def __enter__(self):
+        self._several = jax.process_count() > 1
+        if self._several:
+            self._synced = bool(jax.config.jax_enable_preemption_service)
+            if not self._synced:
+                log.warning("jax_enable_preemption_service is off: a SIGTERM ends this process without a checkpoint.")
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, no preemption support
@@ -66,6 +88,12 @@ class _StopRequest:
     def _handle(self, signum, frame):
         del signum, frame
         self.requested = True
+
+    def at(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (completed updates); call it after every step."""
+        if self._several and self._synced:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -142,6 +170,7 @@ def train_and_evaluate(
         raise UserInputError(f"batch_size {config.batch_size} is not divisible by {jax.device_count()} devices")
 
     split = load_split(config.data, config.data.train_split)
+    monitor = ADMonitor.from_config(config)
     method = build_method(config)
     tx, schedules = make_optimizer(config.optim, config.total_steps, config.batch_size, method=config.method)
     schedules = {**schedules, **method.schedules()}
@@ -154,13 +183,13 @@ def train_and_evaluate(
             if latest is not None:  # refused before config.json or anything else is written
                 saved = _saved_config(workdir, ckpt, latest)
                 resume = config_history.check_resume(saved, config, latest, allow_config_change, workdir)
-            return _train(config, workdir, split, method, tx, schedules, mesh, ckpt, stop, resume)
+            return _train(config, workdir, split, method, tx, schedules, mesh, ckpt, stop, resume, monitor)
         finally:
             ckpt.close()  # waits for an in-flight (async) save, also when training stops with an error
 
 
 def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpointer, stop: _StopRequest,
-           resume: config_history.ResumeCheck | None) -> TrainState:
+           resume: config_history.ResumeCheck | None, monitor: ADMonitor | None) -> TrainState:
     t_start = time.perf_counter()
     latest = ckpt.latest_step()
     start_step = int(latest or 0)
@@ -180,25 +209,20 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
         log.info("Training already complete (step %d of %d); nothing to do.", start_step, config.total_steps)
         return state
 
+    main = sharding.is_main_process()  # the one process that writes the run's files
     if resume is not None:
         resume.log()
-        row = resume.record()
-        if row is not None:
-            config_history.append_history(workdir, row)
-    elif latest is None:
-        config_history.append_history(workdir, {"event": "start", "step": 0})
-    atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+    if main:
+        _write_start_records(workdir, config, resume, latest)
+    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=main)
     writer.truncate_after(start_step)
     collapse = CollapseMonitor()
     last_row: dict = {}
-    if os.path.exists(writer.path):  # the kept rows of the earlier runs: the collapse streak continues
+    if main and os.path.exists(writer.path):  # the kept rows of the earlier runs: the collapse streak continues
         for kept in read_metrics(writer.path):
             collapse.update(int(kept["step"]), kept, announce=False)
             last_row = kept
-    step_fn = jax.jit(
-        make_train_step(method, tx, config.seed, config.get("inject_nan_at_step", -1)), donate_argnums=(0,)
-    )
+    step_fn = jit_train_step(method, tx, config.seed)
 
     def device_batches():
         batch = first
@@ -208,48 +232,67 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
             batch = next(it, None)
 
     step = start_step
-    delay = float(os.environ.get(STEP_DELAY_ENV, "") or 0.0)
     t_last, step_last = time.perf_counter(), step
-    bar = tqdm(total=config.total_steps, initial=start_step, desc=f"{config.method} train", dynamic_ncols=True)
+    bar = progress(total=config.total_steps, initial=start_step, desc=f"{config.method} train", disable=not main)
     status = "stopped"
 
     def summarise(error: str | None = None) -> None:
-        _write_summary(workdir, config, status, step, last_row, collapse, time.perf_counter() - t_start, error)
+        if main:
+            _write_summary(workdir, config, status, step, last_row, collapse, time.perf_counter() - t_start, error)
 
     try:
         for batch in _prefetch(device_batches(), 2):
             state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == config.total_steps:
+            monitor_due = monitor is not None and monitor.due(step, config.total_steps)
+            if step % config.log_every == 0 or step == config.total_steps or monitor_due:
                 _raise_if_diverged(state, ckpt)
                 now = time.perf_counter()
                 row = _log_row(metrics, schedules, step, (step - step_last) * config.batch_size, now - t_last, step - step_last)
                 row.update(collapse.update(step, row))
+                if monitor_due:
+                    row.update(_monitor_row(monitor, method, state, step))
+                    now = time.perf_counter()  # the monitor's time is not training time
                 writer.write(step, row)
                 last_row = {"step": step, **row}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 t_last, step_last = now, step
-            if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+            stopping = stop.at(step)  # the same answer in every process
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
                 _raise_if_diverged(state, ckpt)
                 ckpt.save(step, state, _meta(config, step))
-            if stop.requested:
-                log.warning("SIGTERM received: saved a checkpoint at step %d and stopping.", step)
+            if stopping:
+                log.warning("SIGTERM received: saved a checkpoint at step %d and stopping%s.", step,
+                            f" (all {jax.process_count()} processes)" if jax.process_count() > 1 else "")
                 break
-            if delay:
-                time.sleep(delay)
     except DivergenceError as e:
         status = "diverged"
         summarise(str(e))
         raise
     finally:
         bar.close()
+        writer.close()
     ckpt.wait()
     if step == config.total_steps:
         status = "complete"
-        _write_figures(method, state, config, split, workdir)
+        if main:
+            _write_figures(method, state, config, split, workdir)
     summarise()
     return state
+
+
+def _write_start_records(workdir: str, config: Any, resume: config_history.ResumeCheck | None,
+                         latest: int | None) -> None:
+    """config_history.jsonl's row of this start (first start, or a resume that changed something)
+    and config.json (written only after the resume check passed). Process 0 only."""
+    if resume is not None:
+        row = resume.record()
+        if row is not None:
+            config_history.append_history(workdir, row)
+    elif latest is None:
+        config_history.append_history(workdir, {"event": "start", "step": 0})
+    atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
 def _write_summary(workdir: str, config: Any, status: str, step: int, last_row: dict, collapse: CollapseMonitor,
@@ -284,6 +327,17 @@ def _write_summary(workdir: str, config: Any, status: str, step: int, last_row: 
             config.total_steps, f", last logged loss {loss:.4f}" if isinstance(loss, float) else "", flag, path)
 
 
+def _monitor_row(monitor: ADMonitor, method: Method, state: TrainState, step: int) -> dict[str, float]:
+    """The monitor's metrics at ``step``; a monitor that fails is logged and gives NaN (training goes on)."""
+    try:
+        out = monitor(method, state.params, state.extra)
+    except Exception as e:  # noqa: BLE001 - the monitor must never stop training
+        log.warning("AD monitor failed at step %d: %s: %s", step, type(e).__name__, e)
+        return {f"{METRIC_PREFIX}{p}": float("nan") for p in monitor.protocols}
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k.startswith(METRIC_PREFIX)))
+    return out
+
+
 def _prefetch(iterator, size: int):
     """Keeps ``size`` batches in flight on the devices (device_put is asynchronous)."""
     queue = []
@@ -294,19 +348,11 @@ def _prefetch(iterator, size: int):
     yield from queue
 
 
-def _write_figures(method: Any, state: TrainState, config: Any, split, workdir: str) -> None:
+def _write_figures(method: Method, state: TrainState, config: Any, split, workdir: str) -> None:
     """Methods that reconstruct images (MAE) get a PNG grid: masked input / reconstruction / original."""
-    if not hasattr(method, "reconstruct"):
+    if not isinstance(method, ReconstructingMethod):
         return
-    from ssl_ad.data.pipeline import preprocess_eval
-    from ssl_ad.evaluation.plots import plot_image_grid
-
-    images = preprocess_eval(split.images[:8], config.model.image_size, config.data.mean, config.data.std)
-    params = jax.device_get(state.params)
-    out = jax.device_get(method.reconstruct(params, images, jax.random.key(config.seed)))
-    mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
-    to_unit = lambda x: np.clip(np.asarray(x) * std + mean, 0, 1)  # noqa: E731
-    rows = [to_unit(out["masked"]), to_unit(out["reconstruction"]), to_unit(out["original"]), np.asarray(out["error"])]
     path = os.path.join(workdir, "reconstructions.png")
-    plot_image_grid(rows, ["masked input", "reconstruction", "original", "error (masked patches)"], path)
+    figures.reconstruction_grid(method, jax.device_get(state.params), split.images[:8], config.model.image_size,
+                                config.data, config.seed, path)
     log.info("Wrote %s", path)

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_ad.errors import UserInputError
-
-Schedule = Callable[[Any], Any]
+from ssl_ad.schedules import Schedule, lr_schedule, wd_schedule
 
 CLIP_MODES = ("reference", "per_tensor", "global")
 # optim.clip_mode='reference' resolves to the mode of the method's reference code.
@@ -32,41 +31,6 @@ REFERENCE_CLIP_MODE = {"dino": "per_tensor", "mae": "global"}
 TOKEN_AND_POSEMB_NAMES = ("pos_embed", "cls_token", "cls_pos", "mask_token")
 # DINO's utils.clip_gradients: clip_coef = clip / (norm + 1e-6).
 PER_TENSOR_EPS = 1e-6
-
-
-def scaled_lr(optim_cfg: Any, batch_size: int) -> float:
-    """The linear scaling rule: lr = base_lr * global_batch / 256."""
-    return float(optim_cfg.base_lr) * batch_size / 256.0
-
-
-def lr_schedule(optim_cfg: Any, total_steps: int, batch_size: int) -> Schedule:
-    peak = scaled_lr(optim_cfg, batch_size)
-    warmup = int(min(optim_cfg.warmup_steps, max(total_steps - 1, 0)))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=float(optim_cfg.min_lr),
-    )
-
-
-def cosine_schedule(start: float, end: float, total_steps: int) -> Schedule:
-    """Half-cosine from ``start`` at step 0 to ``end`` at ``total_steps``, then constant.
-
-    optax's cosine decay reaches ``alpha * init``; alpha > 1 gives DINO's rising weight decay
-    and momentum. A zero start has no ratio, so it gets the same curve written out.
-    """
-    if start == end:
-        return optax.constant_schedule(start)
-    steps = max(int(total_steps), 1)
-    if start != 0.0:
-        return optax.cosine_decay_schedule(start, steps, alpha=end / start)
-    return lambda step: end * 0.5 * (1 - jnp.cos(jnp.pi * jnp.minimum(step / steps, 1.0)))
-
-
-def wd_schedule(optim_cfg: Any, total_steps: int) -> Schedule:
-    return cosine_schedule(float(optim_cfg.weight_decay), float(optim_cfg.weight_decay_end), total_steps)
 
 
 def _path_str(path) -> str:

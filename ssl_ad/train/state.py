@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ssl_ad.methods.base import Method
+
 
 class TrainState(struct.PyTreeNode):
     """step, trainable params, optimiser state, the method's extra state (e.g. DINO teacher + centre).
@@ -27,7 +29,7 @@ class TrainState(struct.PyTreeNode):
     bad_grad_norm: jax.Array
 
 
-def create_train_state(method: Any, tx: optax.GradientTransformation, rng: jax.Array, batch: dict) -> TrainState:
+def create_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array, batch: dict) -> TrainState:
     params, extra = method.init(rng, batch)
     return TrainState(
         step=jnp.zeros([], jnp.int32),

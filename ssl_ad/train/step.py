@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ssl_ad.methods.base import Method
 from ssl_ad.train.state import TrainState
 
 
 def make_train_step(
-    method: Any, tx: optax.GradientTransformation, seed: int, inject_nan_at_step: int = -1
+    method: Method, tx: optax.GradientTransformation, seed: int
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns ``step(state, batch) -> (state, metrics)``; the rng is fold_in(key(seed), step)."""
+    """Returns ``step(state, batch) -> (state, metrics)``; the rng is fold_in(key(seed), step).
+
+    A non-finite loss or gradient norm does not stop the step: the first such step is recorded in
+    ``state.bad_step`` / ``bad_loss`` / ``bad_grad_norm`` for the loop to report.
+    """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def loss_fn(params):
-            loss, aux = method.loss(params, state.extra, batch, rng, state.step)
-            if inject_nan_at_step >= 0:
-                # NaN from step inject_nan_at_step on: the update that completes that step and later ones.
-                loss = jnp.where(state.step + 1 >= inject_nan_at_step, jnp.nan, loss)
-            return loss, aux
+            return method.loss(params, state.extra, batch, rng, state.step)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
@@ -46,3 +47,8 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(method: Method, tx: optax.GradientTransformation, seed: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """:func:`make_train_step`, jitted with the state donated (its buffers are reused in place)."""
+    return jax.jit(make_train_step(method, tx, seed), donate_argnums=(0,))

@@ -9,6 +9,11 @@ taken as complete. :class:`Checkpointer` does check: such a folder is never a
 step; a writable Checkpointer moves it aside to ``<step>.incomplete`` (kept,
 not deleted) so the step can be saved again. ``latest_step`` is therefore the
 latest complete checkpoint.
+
+With several processes (``jax.distributed``) every process makes a Checkpointer on
+the same (shared) directory: process 0 alone sets torn steps aside, then all wait
+for each other before orbax lists the steps, so they agree on the latest one;
+orbax coordinates the saves (each process writes its shards, process 0 finalises).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ssl_ad.errors import UserInputError
 
@@ -85,8 +91,10 @@ class Checkpointer:
             if read_only:
                 log.warning("Ignoring incomplete checkpoint %s (no %s).", path, COMMIT_FILE)
                 self._ignored.add(int(os.path.basename(path)))
-            else:
+            elif jax.process_index() == 0:  # the others see the folder moved once they pass the barrier
                 _set_aside(path)
+        if not read_only and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ssl_ad.checkpointing: torn steps set aside")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not read_only,
@@ -136,6 +144,32 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserInputError(f"checkpoint {self.directory}/{step} does not match the config: {e}") from e
         return out["state"]
+
+    def restore_as_saved(self, step: int) -> dict[str, Any]:
+        """The state of ``step`` as saved (a dict of jax arrays, no target structure): what evaluation
+        reads from a run whose model it rebuilds from the saved config.
+
+        Every array lands on this process's first device, whatever devices and processes saved it
+        (orbax would otherwise insist on the saving topology: a run trained on 8 GPUs or several
+        hosts is evaluated on one). A checkpoint without readable array metadata is restored as saved.
+        """
+        abstract = self._single_device_target(step)
+        restore = ocp.args.StandardRestore(abstract) if abstract is not None else ocp.args.StandardRestore()
+        return self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+
+    def _single_device_target(self, step: int) -> Any | None:
+        """Shapes and dtypes of ``step``'s arrays placed on the first local device; None if unknown."""
+        try:
+            found = self.manager.item_metadata(step)["state"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("Cannot read the metadata of checkpoint %s/%s: %s", self.directory, step, e)
+            return None
+        tree = getattr(found, "tree", found)
+        leaves = jax.tree_util.tree_leaves(tree)
+        if tree is None or not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=device), tree)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
