@@ -61,10 +61,14 @@ def setup_logging() -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "tensorflow", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # On absl's stderr handler only (the one the entry points write through), once per process: other
+    # handlers (a test runner's capture, a user's file handler) see every record.
+    handler = absl_logging.get_absl_handler()
+    if any(isinstance(f, SayOnce) for f in handler.filters):
+        return
     once, expected = SayOnce(), _Expected()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(expected)
-        handler.addFilter(once)
+    handler.addFilter(expected)
+    handler.addFilter(once)
 
     def report() -> None:
         for line in once.summary():

@@ -52,7 +52,7 @@ TODAY = {
 TRAIN_CONFIGS = sorted(
     os.path.basename(p)[:-3]
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-    if not os.path.basename(p).startswith("eval")
+    if not os.path.basename(p).startswith(("eval", "predict"))  # evaluation / prediction configs
 )
 
 

@@ -318,10 +318,17 @@ class MvtecSettings(ImageSettings):
 
 
 def _root(s: MvtecSettings) -> str:
-    """``data.mvtec_root`` expanded ('' when not set); an error when set but not a folder."""
-    root = os.path.expanduser(str(s.mvtec_root or ""))
-    if root and not os.path.isdir(root):
-        raise UserInputError(f"data.mvtec_root {root} does not exist")
+    """``data.mvtec_root`` expanded ('' when not set). It may be absent: a published category's
+    prepared copy is then used as it is (with a note); whatever needs the tree checks it."""
+    return os.path.expanduser(str(s.mvtec_root or ""))
+
+
+def _tree_root(s: MvtecSettings) -> str:
+    """``data.mvtec_root`` where the tree itself is needed; an error when unset or not a folder."""
+    root = _root(s)
+    if not root or not os.path.isdir(root):
+        raise UserInputError(f"data.mvtec_root {root or '(unset)'} does not exist; set it to the folder holding "
+                             "the category folders (<category>/train/good, <category>/test/...)")
     return root
 
 
@@ -370,7 +377,7 @@ def _categories(category: str, s: MvtecSettings) -> list[str]:
     root = _root(s)
     if category == "all":
         if root:
-            found, other = discover(root)
+            found, other = discover(_tree_root(s))
             if other:
                 log.info("data.mvtec_root %s: folders %s hold no train/%s, skipped", root, other, GOOD)
             where = root
@@ -432,7 +439,7 @@ def _read_prepared(category: str, s: MvtecSettings, split: str, resize: SquareRe
 
 def _read_tree(category: str, s: MvtecSettings, split: str, resize: SquareResizer) -> _Part:
     """Another category's ``split``, decoded from ``<mvtec_root>/<category>``, resized by ``resize``."""
-    tree = scan_category(os.path.join(_root(s), category), category)
+    tree = scan_category(os.path.join(_tree_root(s), category), category)
     names = [GOOD, *tree.defects]
     part = _Part([], [], [], [], names, tree.without_masks, tree.has_masks)
     with pixel_limit(s):
