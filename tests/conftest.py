@@ -1,6 +1,7 @@
 """Shared fixtures: one prepared mnist5k per test session, short compiles, tiny configs."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -25,24 +26,41 @@ def data_dir(tmp_path_factory) -> str:
     return d
 
 
-def tiny_mae_config(data_dir: str, **overrides):
-    """configs/mae_mnist5k.py shrunk to compile and run in seconds."""
-    from configs import mae_mnist5k
+# The demo configs (configs/<method>_mnist5k.py) shrunk to compile and run in seconds: model, decoder
+# or head and crop sizes only. Each test adds its own schedule (steps, logging, checkpoints).
+TINY_SIZES = {
+    "mae": {
+        "batch_size": 16, "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
+        "mae.decoder_width": 32, "mae.decoder_heads": 2,
+    },
+    "dino": {
+        "batch_size": 16, "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
+        "model.patch_size": 7, "data.num_local": 2, "data.local_size": 14,
+        "dino.out_dim": 256, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32,
+    },
+}
 
-    c = mae_mnist5k.get_config()
-    c.model.variant = ""  # the sizes below instead of the config's "mu/4"
+
+def tiny_config(method: str, data_dir: str, **overrides):
+    """configs/<method>_mnist5k.py with TINY_SIZES[method], the prepared data dir and ``overrides``."""
+    from importlib import import_module
+
+    c = import_module(f"configs.{method}_mnist5k").get_config()
     c.data.data_dir = data_dir
-    c.total_steps = 20
-    c.batch_size = 16
-    c.log_every = 5
-    c.checkpoint_every = 10
-    c.model.width = 32
-    c.model.depth = 2
-    c.model.num_heads = 2
-    c.mae.decoder_width = 32
-    c.mae.decoder_heads = 2
-    c.optim.warmup_steps = 5
-    return apply_overrides(c, overrides)
+    return apply_overrides(c, {**TINY_SIZES[method], **overrides})
+
+
+def tiny_train_argv(method: str, data_dir: str, workdir, overrides: dict, script: str = "train.py") -> list:
+    """The train.py command line (``script`` may be tests/train_with_hooks.py) of ``tiny_config``."""
+    flags = [f"--config.{k}={v}" for k, v in {**TINY_SIZES[method], **overrides}.items()]
+    return [sys.executable, script, f"--config=configs/{method}_mnist5k.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", *flags]
+
+
+def tiny_mae_config(data_dir: str, **overrides):
+    """configs/mae_mnist5k.py shrunk to compile and run in seconds: 20 steps, logs every 5, checkpoints every 10."""
+    schedule = {"total_steps": 20, "log_every": 5, "checkpoint_every": 10, "optim.warmup_steps": 5}
+    return tiny_config("mae", data_dir, **{**schedule, **overrides})
 
 
 def apply_overrides(c, overrides: dict):

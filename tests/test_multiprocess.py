@@ -22,9 +22,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from importlib import import_module
 
 import jax
 import numpy as np
@@ -36,7 +34,7 @@ from ssl_ad.errors import UserInputError
 from ssl_ad.evaluation.runner import run_evaluation
 from ssl_ad.train.loop import train_and_evaluate
 from ssl_ad.train.metrics_log import read_metrics
-from tests.conftest import REPO, apply_overrides
+from tests.conftest import REPO, tiny_config, tiny_train_argv
 from tests.hooks import STEP_DELAY_ENV
 
 # 2 processes x 1 CPU device vs 1 process x 1 device, float32: the gradient mean is summed in another
@@ -48,17 +46,11 @@ from tests.hooks import STEP_DELAY_ENV
 ATOL, RTOL = 1e-6, 1e-5
 KEY_BIAS_ATOL = 1e-4
 MAE_STEPS, DINO_STEPS = 24, 8
+# The schedules of these runs, on top of conftest's TINY_SIZES.
 TINY = {
-    "mae": {
-        "total_steps": MAE_STEPS, "batch_size": 16, "log_every": 1, "checkpoint_every": 1000,
-        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
-        "mae.decoder_width": 32, "mae.decoder_heads": 2, "optim.warmup_steps": 5,
-    },
+    "mae": {"total_steps": MAE_STEPS, "log_every": 1, "checkpoint_every": 1000, "optim.warmup_steps": 5},
     "dino": {
-        "total_steps": DINO_STEPS, "batch_size": 16, "log_every": 2, "checkpoint_every": 4,
-        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7,
-        "data.num_local": 2, "data.local_size": 14,
-        "dino.out_dim": 256, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32,
+        "total_steps": DINO_STEPS, "log_every": 2, "checkpoint_every": 4,
         "optim.warmup_steps": 2, "optim.freeze_steps": 2, "dino.warmup_teacher_temp_steps": 4,
         "monitor.every_steps": DINO_STEPS, "monitor.max_bank": 200,
     },
@@ -112,9 +104,7 @@ def free_port() -> int:
 
 
 def train_argv(method, data_dir, workdir, script="train.py"):
-    flags = [f"--config.{k}={v}" for k, v in TINY[method].items()]
-    return [sys.executable, script, f"--config=configs/{method}_mnist5k.py", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", *flags]
+    return tiny_train_argv(method, data_dir, workdir, TINY[method], script)
 
 
 def base_env(audit_dir):
@@ -227,8 +217,7 @@ def param_gaps(a, b):
 
 def reference_run(method, data_dir, workdir):
     """The same config trained in this process (1 process, 1 device); returns ``workdir``."""
-    config = apply_overrides(import_module(f"configs.{method}_mnist5k").get_config(), {"data.data_dir": data_dir})
-    train_and_evaluate(apply_overrides(config, TINY[method]), workdir)
+    train_and_evaluate(tiny_config(method, data_dir, **TINY[method]), workdir)
     return workdir
 
 

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -32,21 +31,14 @@ from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.train.loop import train_and_evaluate
 from tests.hooks import NAN_FROM_STEP_ENV, STEP_DELAY_ENV
 from ssl_ad.train.metrics_log import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config, tiny_train_argv
 
 TOTAL = 30
-# Tiny versions of configs/<method>_mnist5k.py, as --config.<key>=<value> overrides.
+# The schedules of these tests, on top of conftest's TINY_SIZES.
 TINY = {
-    "mae": {
-        "total_steps": TOTAL, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
-        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
-        "mae.decoder_width": 32, "mae.decoder_heads": 2, "optim.warmup_steps": 5,
-    },
+    "mae": {"total_steps": TOTAL, "log_every": 5, "checkpoint_every": 10, "optim.warmup_steps": 5},
     "dino": {
-        "total_steps": TOTAL, "batch_size": 16, "log_every": 5, "checkpoint_every": 10,
-        "model.variant": "", "model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 7,
-        "data.num_local": 2, "data.local_size": 14,
-        "dino.out_dim": 256, "dino.hidden_dim": 64, "dino.bottleneck_dim": 32,
+        "total_steps": TOTAL, "log_every": 5, "checkpoint_every": 10,
         "optim.warmup_steps": 5, "optim.freeze_steps": 5, "dino.warmup_teacher_temp_steps": 10,
     },
 }
@@ -56,23 +48,11 @@ ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", JAX_PLATFORMS="cpu", 
 
 
 def make_config(method, data_dir, **extra):
-    import importlib
-
-    c = importlib.import_module(f"configs.{method}_mnist5k").get_config()
-    c.data.data_dir = data_dir
-    for key, value in {**TINY[method], **extra}.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return tiny_config(method, data_dir, **{**TINY[method], **extra})
 
 
 def train_cmd(method, data_dir, workdir, **extra):
-    flags = [f"--config.{k}={v}" for k, v in {**TINY[method], **extra}.items()]
-    return [sys.executable, "train.py", f"--config=configs/{method}_mnist5k.py", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", *flags]
+    return tiny_train_argv(method, data_dir, workdir, {**TINY[method], **extra})
 
 
 def with_hooks(cmd):
