@@ -77,6 +77,17 @@ def test_fit_never_sees_test_data(config: str) -> None:
     assert s[100:].min() > s[:100].max()
 
 
+def test_pca_dims_above_the_feature_width_is_one_fact_for_every_round() -> None:
+    rng = np.random.default_rng(5)
+    notes = []
+    for n in (120, 300):  # rounds of different sizes, both with more normals than features
+        scorer = sc.build_scorer("knn", pca_dims=100)
+        scorer.fit(rng.standard_normal((n, 48)))
+        notes.append([w for w in scorer.warnings if "pca_dims" in w])
+    assert notes[0] == notes[1] == [
+        "pca_dims 100 is at least the feature width 48: PCA keeps all 48 dimensions (a rotation; nothing is dropped)."]
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_pca_clamp_small_sample(config: str) -> None:
     rng = np.random.default_rng(4)

@@ -184,7 +184,9 @@ def _fit_pca(
     """Fit PCA with dims clamped to what the data supports (None = no PCA), keeping the residual.
 
     PCA cannot have more components than ``min(n_samples - 1, n_features)``
-    meaningful directions, so a request above that is clamped and noted.
+    meaningful directions, so a request above that is clamped and noted. When only the feature
+    width limits it (``n_features <= n_samples - 1``) the note says that every dimension is kept,
+    in words that do not depend on the round, so a run logs the fact once (``cli.SayOnce``).
 
     ``residual`` says when the residual norm (distance from the kept subspace, see
     :class:`_Projection`) is appended as one more coordinate:
@@ -215,7 +217,10 @@ def _fit_pca(
     n, d = x.shape
     limit = min(n - 1, d)
     dims = min(pca_dims, limit)
-    if dims < pca_dims:
+    if dims < pca_dims and d <= n - 1:  # only the feature width limits it: the same fact every round
+        notes.append(f"pca_dims {pca_dims} is at least the feature width {d}: PCA keeps all {d} dimensions "
+                     "(a rotation; nothing is dropped).")
+    elif dims < pca_dims:
         notes.append(f"pca_dims clamped from {pca_dims} to {dims} (n_samples={n}, n_features={d}).")
     spans_all = pca_dims >= n - 1 and n - 1 < d  # the components would be the normals' whole span
     keep = dims < d and (residual == "always" or (residual == "auto" and spans_all))
@@ -825,8 +830,8 @@ class Scorer(abc.ABC):
                 self._cache.clear()
                 self._cache = None  # a private cache must not keep the training rows alive
         self._n_features = x.shape[1]
-        for note in self.warnings:
-            logger.warning("%s: %s", type(self).__name__, note)
+        for note in self.warnings:  # a round's scorers share their fits: each fact is logged once (cli.SayOnce)
+            logger.warning("%s", note)
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
