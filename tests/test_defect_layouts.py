@@ -103,6 +103,7 @@ def test_a_custom_category_discovers_its_defect_types_and_names_those_without_ma
     assert test.labels.tolist() == [0, 0, 1, 1, 2]
     np.testing.assert_array_equal(test.is_anomaly, test.labels > 0)
     assert test.info["defects_without_masks"] == ["scratch"]
+    assert test.mask_valid.tolist() == [True, True, True, True, False]  # pixel metrics leave 'scratch' out
     dent = test.labels == 1
     np.testing.assert_array_equal(test.masks[dent], bright(test.images[dent]))  # masks where the defect is
     assert not test.masks[~dent].any()  # good images, and the mask-less defect type: all zero
@@ -138,6 +139,7 @@ def test_all_loads_every_discovered_category(tmp_path):
     assert test.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert test.is_anomaly.tolist() == [False, True, True, False, False, True, True]
     assert test.masks.shape == (7, 16, 16) and test.info["defects_without_masks"] == ["beta/stain"]
+    assert test.mask_valid.tolist() == [True] * 6 + [False]
     assert test.masks[[1, 2, 5]].all(axis=(1, 2)).sum() == 0 and test.masks[[1, 2, 5]].any(axis=(1, 2)).all()
     assert not test.masks[[0, 3, 4, 6]].any()
     with pytest.raises(UserInputError, match="mvtec_root"):  # a category of one's own is never prepared
@@ -227,6 +229,7 @@ def test_folder_without_masks_and_with_a_normal_test_dir(tmp_path):
     test = load_split(c, "test")
     assert test.info["defects_without_masks"] == ["crack"]
     assert not test.masks[test.labels != 2].any() and test.masks[test.labels == 2].any(axis=(1, 2)).all()
+    np.testing.assert_array_equal(test.mask_valid, test.labels != 1)  # 'crack' (no masks) is left out of pixel metrics
 
 
 def test_folder_errors_name_what_is_wrong(tmp_path):

@@ -193,6 +193,45 @@ def test_patch_knn_maps_and_bank():
     assert bank_indices(2, 16, 0, seed=1)[0].size == 32
 
 
+def test_pixel_metrics_leave_out_images_whose_defect_type_has_no_masks():
+    """A defect type without ground-truth masks has all-zero mask rows (ImageSplit.mask_valid False):
+    its images count for image AUROC but not for pixel AUROC / PRO, and the row says so."""
+    import ml_collections
+    from sklearn.metrics import roc_auc_score
+
+    from ssl_ad.data.split import ImageSplit
+    from ssl_ad.evaluation.pixel_eval import PixelEvaluator
+    from ssl_ad.evaluation.pixel_maps import MapSource
+    from ssl_ad.evaluation.protocols import Round
+
+    rng = np.random.default_rng(0)
+    n, size = 6, 8
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[2, 2:5, 2:5] = masks[3, 4:8, 0:3] = 1  # 'dent': masked
+    low = rng.uniform(0.0, 0.3, (n, size, size)).astype(np.float32)  # maps at mask size: upsampling is exact
+    low[masks > 0] += 1.0
+    low[4:6] += 1.5  # 'scratch' (no masks): anomalous everywhere, so counting its pixels as normal would hurt
+    test = ImageSplit("t", "test", np.zeros((n, size, size, 3), np.uint8), np.array([0, 0, 1, 1, 2, 2]),
+                      ["good", "dent", "scratch"], is_anomaly=np.array([0, 0, 1, 1, 1, 1], bool), masks=masks,
+                      info={"defects_without_masks": ["scratch"]},
+                      mask_valid=np.array([1, 1, 1, 1, 0, 0], bool))
+    train = ImageSplit("t", "train", np.zeros((2, size, size, 3), np.uint8), np.zeros(2, np.int64), ["good"])
+    config = ml_collections.ConfigDict({"seed": 0, "batch_size": 4, "mae_recon": {"num_masks": 1}, "pixel": {
+        "k": 1, "max_bank": 0, "sigma": 0.0, "overlays": 0, "metric": "l2", "max_fpr": 0.3}})
+    ev = PixelEvaluator(config, train, test, ["mae_recon"])
+    rnd = Round("all", np.arange(2), np.arange(n), test.is_anomaly)
+    row, _ = ev._rows(MapSource("m", 0, None, None, None), "mae_recon", "mvtec", [rnd], None, low, "")
+
+    valid = test.mask_valid
+    assert row["per_round_pixel_auroc"]["all"] == pytest.approx(
+        roc_auc_score(masks[valid].ravel(), low[valid].ravel()), abs=1e-9)
+    assert row["per_round_pixel_auroc"]["all"] > roc_auc_score(masks.ravel(), low.ravel()) + 0.05
+    assert row["per_round"]["all"] == pytest.approx(  # image AUROC (map maximum) keeps every image
+        roc_auc_score(test.is_anomaly, low.reshape(n, -1).max(axis=1)), abs=1e-9)
+    assert ("pixel AUROC and PRO leave out 2 test image(s) of defect type(s) without ground-truth masks "
+            "['scratch']; image AUROC uses them.") in row["warnings"]
+
+
 # ---------------------------------------------------------------------------
 # End to end on an MVTec AD tree.
 

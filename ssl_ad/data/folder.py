@@ -30,8 +30,9 @@ sorted]; labels index them; ``is_anomaly`` = label > 0. ``masks`` (N, H, W)
 uint8 0/1 at the loaded size (thresholded at 128, resized nearest-neighbour
 with the image's geometry) when ``mask_dir`` is given, zeros for normal images
 and for the abnormal folders without masks (named in
-``info['defects_without_masks']``); ``None`` without ``mask_dir`` (the
-evaluation then skips pixel maps and reports image-level metrics only).
+``info['defects_without_masks']``, and ``mask_valid`` False for their images, which
+pixel metrics leave out); ``None`` without ``mask_dir`` (the evaluation then skips
+pixel maps and reports image-level metrics only).
 
 The mask helpers (:func:`mask_index`, :func:`mask_files`, :func:`read_mask`,
 :func:`folder_images`) are shared with the MVTec AD loader.
@@ -344,8 +345,8 @@ def load_folder(data_cfg: Any, split: str) -> ImageSplit:
     report_skipped(what, sorted(plan.skipped))
     if split == "test" and plan.without:
         log.warning(
-            "%s: defect type(s) %s have no masks: their masks are all zero, so pixel AUROC and PRO count their "
-            "pixels as normal; image-level metrics are unaffected", what, plan.without,
+            "%s: defect type(s) %s have no masks: their images are left out of pixel AUROC and PRO "
+            "(ImageSplit.mask_valid); image-level metrics use them", what, plan.without,
         )
     images, masks = [], []
     with pixel_limit(s):
@@ -366,4 +367,6 @@ def load_folder(data_cfg: Any, split: str) -> ImageSplit:
         is_anomaly=labels > 0,
         masks=stack_same_size([m[..., None] for m in masks], what)[..., 0] if plan.with_masks else None,
         info=dict(resize.info, defects_without_masks=plan.without, skipped_files=len(plan.skipped)),
+        mask_valid=(np.asarray([label == 0 or bool(mask) for _, label, mask in plan.items], bool)
+                    if plan.with_masks and plan.without else None),
     )

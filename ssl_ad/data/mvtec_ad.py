@@ -32,8 +32,9 @@ defect types are the category's ``test/*`` folders other than ``good``.
   ``info['defects_without_masks']`` (``<category>/<defect>`` with 'all'). When
   no defect type of the loaded categories has masks, ``masks`` is None: the
   evaluation then skips pixel maps and reports image-level metrics only. With
-  some defect types unmasked, pixel AUROC and PRO count their images' pixels as
-  normal (a warning says so); image-level metrics are unaffected.
+  some defect types unmasked, ``mask_valid`` is False for their images: pixel
+  AUROC and PRO leave them out (a warning says so, and each pixel row names
+  them); image-level metrics use every image.
 
 Masks are matched by file stem (:func:`ssl_ad.data.folder.mask_files`):
 ``<name>_mask.png`` (MVTec AD, MPDD), ``<name>.png`` (BTAD), another image
@@ -422,6 +423,7 @@ class _Part:
     class_names: list[str]
     without_masks: tuple[str, ...]
     has_masks: bool
+    mask_valid: list[bool] = dataclasses.field(default_factory=list)
 
 
 def _read_prepared(category: str, s: MvtecSettings, split: str, resize: SquareResizer) -> _Part:
@@ -434,6 +436,7 @@ def _read_prepared(category: str, s: MvtecSettings, split: str, resize: SquareRe
         part.masks.append(np.asarray(m, np.uint8))
         part.labels.append(int(ex["label"]))
         part.anomalous.append(bool(ex["is_anomaly"]))
+        part.mask_valid.append(True)  # every published defect type has masks
     return part
 
 
@@ -449,6 +452,7 @@ def _read_tree(category: str, s: MvtecSettings, split: str, resize: SquareResize
             part.masks.append(mask)
             part.labels.append(names.index(item.kind))
             part.anomalous.append(item.kind != GOOD)
+            part.mask_valid.append(item.kind == GOOD or bool(item.masks))
     report_skipped(f"mvtec_ad/{category} {tree.root}/{split}", tree.skipped[split])
     return part
 
@@ -469,7 +473,7 @@ def load_mvtec_ad(data_cfg: Any, split: str) -> ImageSplit:
     max_image_pixels_of(s)  # validated before any decoding
     categories = _categories(category, s)
 
-    images, labels, anomalous, masks = [], [], [], []
+    images, labels, anomalous, masks, mask_valid = [], [], [], [], []
     class_names: list[str] = []
     without: list[str] = []
     has_masks = False
@@ -479,6 +483,7 @@ def load_mvtec_ad(data_cfg: Any, split: str) -> ImageSplit:
         images += part.images
         anomalous += part.anomalous
         masks += part.masks
+        mask_valid += part.mask_valid
         labels += [ci] * len(part.labels) if category == "all" else part.labels
         class_names = categories if category == "all" else part.class_names
         without += [f"{cat}/{d}" if category == "all" else d for d in part.without_masks]
@@ -486,8 +491,8 @@ def load_mvtec_ad(data_cfg: Any, split: str) -> ImageSplit:
     what = f"mvtec_ad/{category} split {split!r}"
     if split == "test" and without and has_masks:
         log.warning(
-            "%s: defect type(s) %s have no ground_truth folder: their masks are all zero, so pixel AUROC and PRO "
-            "count their pixels as normal; image-level metrics are unaffected", what, without,
+            "%s: defect type(s) %s have no ground_truth folder: their images are left out of pixel AUROC and PRO "
+            "(ImageSplit.mask_valid); image-level metrics use them", what, without,
         )
     elif split == "test" and not has_masks:
         log.warning("%s: no defect type has masks (no ground_truth folders): pixel maps are skipped, image-level "
@@ -505,4 +510,5 @@ def load_mvtec_ad(data_cfg: Any, split: str) -> ImageSplit:
         is_anomaly=np.asarray(anomalous, bool),
         masks=stack_same_size([m[..., None] for m in masks], what)[..., 0] if has_masks else None,
         info=dict(resize.info, defects_without_masks=without),
+        mask_valid=np.asarray(mask_valid, bool) if has_masks and without else None,
     )

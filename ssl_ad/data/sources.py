@@ -69,14 +69,7 @@ def load_split(data_cfg: Any, split: str) -> ImageSplit:
     cap = int(settings.max_per_class or 0)
     if cap:
         keep = cap_per_class(out.labels, cap)
-        out = dataclasses.replace(
-            out,
-            name=f"{out.name}_first{cap}",
-            images=out.images[keep],
-            labels=out.labels[keep],
-            is_anomaly=None if out.is_anomaly is None else out.is_anomaly[keep],
-            masks=None if out.masks is None else out.masks[keep],
-        )
+        out = out.take(keep, name=f"{out.name}_first{cap}")
     if base != split:
         out = carve_validation(out, float(settings.val_fraction), split[len(base) + 1:])
     if len(out) == 0:

@@ -33,6 +33,9 @@ class ImageSplit:
 
     ``is_anomaly`` and ``masks`` are set by anomaly-detection sets (MVTec AD); ``info`` holds
     how the images were made (e.g. ``load_size``, ``resize_mode``, skipped files).
+    ``mask_valid`` (N,) bool, with ``masks``: False for the images of a defect type that has no
+    ground-truth masks (their ``masks`` rows are zeros that do not describe the defect, so pixel
+    metrics leave them out); None when every mask row is ground truth.
     """
 
     name: str
@@ -43,9 +46,20 @@ class ImageSplit:
     is_anomaly: np.ndarray | None = None
     masks: np.ndarray | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    mask_valid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def take(self, keep: np.ndarray, **changes: Any) -> ImageSplit:
+        """The examples ``keep`` (indices or a (N,) bool mask) of every per-image array, plus ``changes``
+        (e.g. ``name=``, ``split=``) to the other fields."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return dataclasses.replace(self, images=self.images[keep], labels=self.labels[keep],
+                                   is_anomaly=pick(self.is_anomaly), masks=pick(self.masks),
+                                   mask_valid=pick(self.mask_valid), **changes)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -165,14 +179,7 @@ def validation_indices(labels: np.ndarray, fraction: float, seed: int = CARVE_SE
 
 def subset(split: ImageSplit, keep: np.ndarray, suffix: str) -> ImageSplit:
     """The examples ``keep`` of ``split``, named ``split.split + suffix``."""
-    return dataclasses.replace(
-        split,
-        split=split.split + suffix,
-        images=split.images[keep],
-        labels=split.labels[keep],
-        is_anomaly=None if split.is_anomaly is None else split.is_anomaly[keep],
-        masks=None if split.masks is None else split.masks[keep],
-    )
+    return split.take(keep, split=split.split + suffix)
 
 
 def carve_validation(split: ImageSplit, fraction: float, part: str) -> ImageSplit:
@@ -190,6 +197,4 @@ def stratified_subset(split: ImageSplit, max_images: int, seed: int = CARVE_SEED
     if not max_images or len(split) <= max_images:
         return split
     keep = validation_indices(split.labels, max_images / len(split), seed)
-    return dataclasses.replace(split, images=split.images[keep], labels=split.labels[keep],
-                               is_anomaly=None if split.is_anomaly is None else split.is_anomaly[keep],
-                               masks=None if split.masks is None else split.masks[keep])
+    return split.take(keep)

@@ -1,6 +1,7 @@
 """Pixel-level evaluation over the rounds of the MVTec protocols: for each map source and maker
 (:mod:`ssl_ad.evaluation.pixel_maps`), maps at the masks' resolution, then image AUROC from the
-map maximum, pixel AUROC and PRO (:mod:`ssl_ad.evaluation.pixel_metrics`) per round, and overlay
+map maximum, pixel AUROC and PRO (:mod:`ssl_ad.evaluation.pixel_metrics`, over the test images
+whose masks are ground truth: ``ImageSplit.mask_valid``) per round, and overlay
 figures (:mod:`ssl_ad.evaluation.overlays`). A round that fails is recorded in its row's
 ``failed_rounds`` and the other rounds go on.
 """
@@ -103,6 +104,15 @@ class PixelEvaluator:
             del tokens, recon
         return rows, paths
 
+    def _mask_valid(self, test_idx: np.ndarray, left_out: set[int]) -> np.ndarray:
+        """(len(test_idx),) bool: which of these test images have ground-truth masks (ImageSplit.mask_valid);
+        the others are added to ``left_out``."""
+        if self.test.mask_valid is None:
+            return np.ones(test_idx.shape[0], bool)
+        valid = self.test.mask_valid[test_idx]
+        left_out.update(int(j) for j in test_idx[~valid])
+        return valid
+
     def _lowres(self, maker: str, train_idx: np.ndarray, test_idx: np.ndarray, tokens, recon) -> tuple[np.ndarray, dict]:
         if maker == "mae_recon":
             return recon[test_idx], {}
@@ -118,6 +128,7 @@ class PixelEvaluator:
         for rnd in rounds:  # rounds fit on the same images share one bank (mvtec_study: all of them)
             groups.setdefault(b"" if maker == "mae_recon" else rnd.train_idx.tobytes(), []).append(rnd)
         img_auc, img_ap, pix_auc, pro, banks, failed, warnings = {}, {}, {}, {}, [], {}, []
+        left_out: set[int] = set()  # test images without ground-truth masks, left out of the pixel metrics
         fit_s = score_s = 0.0
         paths = []
         for members in groups.values():
@@ -141,8 +152,9 @@ class PixelEvaluator:
                     scores = maps.reshape(maps.shape[0], -1).max(axis=1)
                     img_auc[rnd.name] = metrics.auroc(rnd.test_is_anomaly, scores)
                     img_ap[rnd.name] = metrics.aupr(rnd.test_is_anomaly, scores)
-                    pix_auc[rnd.name] = pixel_auroc(masks, maps)
-                    pro[rnd.name] = pro_score(masks, maps, self.max_fpr)
+                    valid = self._mask_valid(rnd.test_idx, left_out)
+                    pix_auc[rnd.name] = pixel_auroc(masks[valid], maps[valid])
+                    pro[rnd.name] = pro_score(masks[valid], maps[valid], self.max_fpr)
                     score_s += time.perf_counter() - t1
                 except Exception as e:  # noqa: BLE001
                     for d in (img_auc, img_ap, pix_auc, pro):
@@ -155,6 +167,10 @@ class PixelEvaluator:
                         paths.append(self._overlay(src, maker, protocol, rnd, maps, scores, plot_dir))
                     except Exception as e:  # noqa: BLE001 - a figure never costs the numbers
                         warnings.append(f"overlay of round {rnd.name!r} failed: {type(e).__name__}: {e}")
+        if left_out:
+            without = test.info.get("defects_without_masks", [])
+            warnings.append(f"pixel AUROC and PRO leave out {len(left_out)} test image(s) of defect type(s) without "
+                            f"ground-truth masks {without}; image AUROC uses them.")
         if maker == "patch_knn" and banks and min(b["bank_tokens"] for b in banks) < self.k:
             warnings.append(f"pixel.k clamped from {self.k} to the smallest bank, {min(b['bank_tokens'] for b in banks)} tokens.")
         mean, std = _summarise(img_auc)
