@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -38,11 +37,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
 from absl import app, flags
 
 from ssl_ad.data.pipeline import train_dataset
-from ssl_ad.data.sources import ImageSplit
+from ssl_ad.data.split import ImageSplit
+from bench_common import cpu_seconds as _cpu_s
+from bench_common import synthetic_split as _synthetic
 
 _PRESET = flags.DEFINE_enum("preset", "mnist5k", ["mnist5k", "paper224"], "Configs and image shape.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating old/new timing rounds.")
@@ -74,25 +74,6 @@ def _config(module: str, old: bool, batch: int):
         for k, v in OLD.items():
             c.data[k] = v
     return c
-
-
-def _synthetic(shape: tuple[int, int, int], n: int) -> ImageSplit:
-    """Smooth random blobs plus noise, uint8: not constant, so every augmentation does real work."""
-    rng = np.random.default_rng(0)
-    h, w, ch = shape
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    images = np.empty((n, h, w, ch), np.uint8)
-    for i in range(n):
-        f = rng.uniform(1, 4, size=(ch, 2))
-        base = np.stack([np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy)) for c in range(ch)], -1)
-        images[i] = np.clip(128 + 90 * base + rng.normal(0, 20, (h, w, ch)), 0, 255).astype(np.uint8)
-    return ImageSplit("synthetic", "train", images, np.zeros(n, np.int64), ["x"])
-
-
-def _cpu_s() -> float:
-    """CPU seconds of this process (all threads): robust to other jobs' load, unlike wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _one_round(ds, batch: int) -> tuple[float, float]:

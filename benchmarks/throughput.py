@@ -47,6 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench_common import batch_spec  # noqa: E402,F401 (also this module's public helper)
+from bench_common import xla_flops as _flops  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (optional with --knn_n).")
 _OUT = flags.DEFINE_string("out", None, "Where the JSON results go (also printed).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for the utilisation (0 = none).")
@@ -63,15 +66,6 @@ _KNN_DIM = flags.DEFINE_integer("knn_dim", 384, "Feature dimension of the kNN be
 _KNN_K = flags.DEFINE_integer("knn_k", 2, "k of the kNN benchmark.")
 _KNN_CHUNK = flags.DEFINE_integer("knn_chunk", 1024, "Query and train chunk size of KNNScorer.")
 flags.mark_flag_as_required("out")
-
-
-def _flops(cost: Any) -> float | None:
-    """``cost_analysis()`` gives a dict (a list of one dict in older jax); None if XLA has no count."""
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
 
 
 def _timed(fn, args_fn, steps: int, warmup: int, budget_s: float = 0.0) -> tuple[float, int, Any]:
@@ -96,20 +90,6 @@ def _timed(fn, args_fn, steps: int, warmup: int, budget_s: float = 0.0) -> tuple
             out = fn(*args_fn(out))
         jax.block_until_ready(out)
     return (time.perf_counter() - start) / steps, steps, out
-
-
-def batch_spec(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes of one process's training batch, from the pipeline itself (no data loaded)."""
-    import numpy as np
-
-    from ssl_ad.data.pipeline import train_dataset
-    from ssl_ad.data.sources import ImageSplit
-
-    side = int(config.data.get("load_size", 0) or config.model.image_size)
-    n = int(config.batch_size)
-    fake = ImageSplit("fake", "train", np.zeros((n, side, side, 3), np.uint8), np.zeros(n, np.int64), ["x"])
-    spec = train_dataset(config, fake, 0).element_spec
-    return {k: (tuple(int(d) for d in v.shape), v.dtype.name) for k, v in spec.items()}
 
 
 def _rates(seconds: float, images: int, flops_step: float | None, devices: int, peak_tflops: float) -> dict:
@@ -183,6 +163,7 @@ def bench_training(
 
     real = None
     if real_data:
+        from ssl_ad.data.device_augment import jitted_augmenter
         from ssl_ad.data.pipeline import train_batches
         from ssl_ad.data.sources import load_split
         from ssl_ad.train.loop import _prefetch
@@ -192,8 +173,12 @@ def bench_training(
         cfg = config.copy_and_resolve_references()
         cfg.unlock()
         cfg.total_steps = n_steps
-        it = _prefetch((sharding.shard_batch(b, mesh) for b in train_batches(
-            cfg, split, 0, process_index=jax.process_index(), process_count=jax.process_count())), 2)
+        batches = (sharding.shard_batch(b, mesh) for b in train_batches(
+            cfg, split, 0, process_index=jax.process_index(), process_count=jax.process_count()))
+        augment = jitted_augmenter(cfg)
+        if augment is not None:  # data.augment_device: the crops are made on the device, as in the loop
+            batches = (augment(b, s) for s, b in enumerate(batches))
+        it = _prefetch(batches, 2)
         for _ in range(warmup):
             state, metrics = compiled(state, next(it))
         jax.block_until_ready(state)

@@ -135,6 +135,9 @@ class Checkpointer:
         if isinstance(found_tree, dict) and "params" in found_tree and hasattr(target, "params"):
             problem = describe_mismatch(target.params, found_tree["params"])
             if problem:
+                if "/block0/" in problem or "/blocks/" in problem:  # ssl_ad.models.layouts' two layouts
+                    problem += (". A ViT's blocks are stacked under 'blocks' in a run saved with "
+                                "model.scan_blocks=True and one block{i} each without: keep the run's value")
                 raise UserInputError(
                     f"checkpoint {self.directory}/{step} does not match the config's model: {problem}"
                 )

@@ -176,6 +176,7 @@ RULES: dict[str, Rule] = {
     "model.init": Choice(("reference", "dino", "mae", "xavier_legacy")),
     "model.posemb_interpolation": Choice(("torch_bicubic", "antialiased")),
     "model.cls_pos": Choice(("reference", "learned", "zero")),
+    "model.scan_blocks": Choice((True, False)),  # parameter layout: stacked 'blocks' or block0..block{d-1}
     # --- data (single view and multi-crop)
     "data.max_per_class": COUNT,
     "data.load_size": COUNT,
@@ -185,6 +186,7 @@ RULES: dict[str, Rule] = {
     "data.resize_mode": Choice(("crop", "pad", "stretch")),
     "data.crop_sampler": Choice(("torchvision", "tf_bounding_box")),
     "data.resize_antialias": Choice((True, False)),
+    "data.augment_device": Choice((True, False)),
     "data.color_jitter_impl": Choice(("torchvision", "additive_brightness")),
     "data.crop_scale": CROP_SCALE,
     "data.mean": Entries(each=PROBABILITY, lengths=(1, 3)),
@@ -308,6 +310,10 @@ def _multicrop(flat: Mapping[str, Any]) -> bool:
     return flat.get("data.augment") == "multicrop"
 
 
+def _augment_device(flat: Mapping[str, Any]) -> bool:
+    return flat.get("data.augment_device") is True
+
+
 MODEL_LINKS = (
     Link(("model.width", "model.num_heads"), lambda w, h: w % h == 0,
          "model.width must be a multiple of model.num_heads"),
@@ -328,6 +334,11 @@ TRAIN_LINKS = MODEL_LINKS + (
          when=lambda flat: flat.get("method") == "mae"),
     Link(("optim.min_lr", "optim.base_lr", "batch_size"), lambda lo, base, b: lo <= base * b / 256.0,
          "optim.min_lr must not exceed the peak lr = optim.base_lr * batch_size / 256"),
+    # ssl_ad.data.device_augment has the reference crop sampler and colour jitter only.
+    Link(("data.crop_sampler",), lambda v: v == "torchvision",
+         "data.augment_device=True needs data.crop_sampler='torchvision'", when=_augment_device),
+    Link(("data.color_jitter_impl",), lambda v: v == "torchvision",
+         "data.augment_device=True needs data.color_jitter_impl='torchvision'", when=_augment_device),
 )
 EVAL_LINKS = MODEL_LINKS
 

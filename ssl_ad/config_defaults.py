@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.posemb = "learned"
     c.model.drop_path_rate = 0.0
     c.model.remat = False
+    # Run the encoder's blocks as one nn.scan loop (big_vision's scan=True): compile time stays flat
+    # in depth. Parameters are stacked under 'blocks' (leading layer axis) instead of block0..block{d-1};
+    # ssl_ad.models.layouts converts between the layouts. Saved configs without the key: False.
+    c.model.scan_blocks = False
     c.model.dtype = "float32"
     # Follow the PyTorch reference of the training method (see ssl_ad.models.vit); the values
     # ssl_ad used before these keys existed are in LEGACY_MODEL_KEYS.
@@ -87,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hflip = True
     c.data.mean = IMAGENET_MEAN
     c.data.std = IMAGENET_STD
+    # Where the augmentation recipe runs: False = in tf.data on the host's cores; True = the host only
+    # gathers uint8 images and a jitted function makes the crops on the device (ssl_ad.data.device_augment).
+    c.data.augment_device = False
     c.data.threads = 0
     # '<split>:val' is this fraction of '<split>' (per class, fixed seed 0) and '<split>:fit' the
     # rest: train on 'train:fit', tune on 'train:val', never on the test split.
@@ -116,9 +123,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# What a model block saved before ``model.init``/``posemb_interpolation``/``cls_pos`` existed meant:
-# one xavier rule for both methods, antialiased jax.image.resize, a learned cls_pos parameter.
-LEGACY_MODEL_KEYS = {"init": "xavier_legacy", "posemb_interpolation": "antialiased", "cls_pos": "learned"}
+# What a model block saved before ``model.init``/``posemb_interpolation``/``cls_pos``/``scan_blocks``
+# existed meant: one xavier rule for both methods, antialiased jax.image.resize, a learned cls_pos
+# parameter, unrolled blocks (block0..block{depth-1}).
+LEGACY_MODEL_KEYS = {
+    "init": "xavier_legacy", "posemb_interpolation": "antialiased", "cls_pos": "learned", "scan_blocks": False,
+}
 
 
 def fill_legacy_model_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -75,6 +75,7 @@ from ssl_ad.config_defaults import base_config, dino_block, mae_block
 from ssl_ad.data.provenance import file_sha256
 from ssl_ad.errors import UserInputError
 from ssl_ad.methods.mae import MAEDecoder
+from ssl_ad.models.layouts import to_layout
 from ssl_ad.models.variants import PRESETS, decode_variant
 from ssl_ad.models.vit import resize_posemb, sincos_2d_posemb, vit_from_config
 
@@ -480,9 +481,11 @@ def choose_method(conv: Converted, method: str = "auto") -> str:
     return method
 
 
-def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = True):
-    """A full training config (base_config + the method's block) describing the converted model."""
+def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = True, scan_blocks: bool = False):
+    """A full training config (base_config + the method's block) describing the converted model;
+    ``scan_blocks``: the encoder's blocks in the scanned layout (``model.scan_blocks``)."""
     c = base_config()
+    c.model.scan_blocks = bool(scan_blocks)
     c.method = method
     c.model.image_size = conv.image_size
     c.model.patch_size = conv.spec.patch_size
@@ -514,13 +517,14 @@ def training_config(conv: Converted, method: str = "mae", norm_pix_loss: bool = 
     return c
 
 
-def checkpoint_state(conv: Converted, method: str) -> dict[str, Any]:
+def checkpoint_state(conv: Converted, method: str, scan_blocks: bool = False) -> dict[str, Any]:
     """The state tree ``load_checkpoint`` restores, shaped as the method's ``encoder_params`` reads it.
 
     MAE: {'params': {'encoder', ['decoder']}}. DINO: the weights are the teacher backbone
     (what DINO publishes), so {'params': {'backbone'}, 'extra': {'teacher': {'backbone'}}} with
     the same weights in both places (the projection head is not converted: evaluation
-    never uses it).
+    never uses it). ``scan_blocks``: the encoder's blocks stacked under ``blocks``
+    (``ssl_ad.models.layouts.unrolled_to_scan``); the MAE decoder's stay unrolled.
     """
 
     def arrays(tree: Any) -> Any:
@@ -528,9 +532,10 @@ def checkpoint_state(conv: Converted, method: str) -> dict[str, Any]:
             return {k: arrays(v) for k, v in tree.items()}
         return jnp.array(tree, jnp.float32, copy=True)
 
+    params = to_layout(conv.params, scan_blocks)
     if method == "mae":
-        return {"params": arrays(conv.params)}
-    enc = conv.params["encoder"]
+        return {"params": arrays(params)}
+    enc = params["encoder"]
     return {"params": {"backbone": arrays(enc)}, "extra": {"teacher": {"backbone": arrays(enc)}}}
 
 
@@ -539,7 +544,7 @@ def check_against_model(conv: Converted, config: Any) -> None:
     vit = vit_from_config(config.model)
     x = jnp.zeros((1, vit.image_size, vit.image_size, 3), jnp.float32)
     want = jax.eval_shape(lambda: vit.init(jax.random.key(0), x)["params"])
-    problem = describe_mismatch(want, conv.params["encoder"])
+    problem = describe_mismatch(want, to_layout(conv.params["encoder"], bool(config.model.scan_blocks)))
     if problem is None and "decoder" in conv.params:
         dec = MAEDecoder(vit.num_patches, vit.patch_size, config.mae.decoder_width, config.mae.decoder_depth,
                          config.mae.decoder_heads)
@@ -577,6 +582,7 @@ def convert_file(
     norm_pix_loss: bool = True,
     key: str = "",
     posemb: str = "auto",
+    scan_blocks: bool = False,
 ) -> tuple[Converted, str]:
     """The whole conversion: read, map, check, write. Returns (what was converted, the method written)."""
     spec, size_in_name = parse_arch(arch) if isinstance(arch, str) else (arch, None)
@@ -586,7 +592,7 @@ def convert_file(
         log.warning("--arch names %d px but the weights are for %d px; using %d", size_in_name,
                     conv.native_image_size, conv.native_image_size)
     method = choose_method(conv, method)
-    config = training_config(conv, method, norm_pix_loss)
+    config = training_config(conv, method, norm_pix_loss, scan_blocks)
     check_against_model(conv, config)
     notes = list(conv.notes)
     if method == "dino":
@@ -605,7 +611,8 @@ def convert_file(
         "notes": notes,
         "ignored_keys": conv.ignored,
     }
-    write_checkpoint(out, checkpoint_state(conv, method), config, provenance)
+    provenance["scan_blocks"] = bool(scan_blocks)
+    write_checkpoint(out, checkpoint_state(conv, method, scan_blocks), config, provenance)
     for note in notes:
         log.info("note: %s", note)
     return conv, method
@@ -637,12 +644,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="MAE target normalisation the decoder was trained with (mae_visualize_* files: false)")
     parser.add_argument("--posemb", default="auto", choices=("auto", "learned", "sincos"))
     parser.add_argument("--key", default="", help="entry of the file holding the state dict (default: found)")
+    parser.add_argument("--scan_blocks", type=_bool, default=False,
+                        help="write the encoder's blocks in the scanned layout (model.scan_blocks=True: stacked "
+                             "under 'blocks'); default: unrolled block0..block{depth-1}")
     args = parser.parse_args(argv)
     setup_logging()
 
     def job():
         conv, method = convert_file(args.src, args.arch, args.out, args.image_size or None, args.method,
-                                    args.decoder_heads, args.norm_pix_loss, args.key, args.posemb)
+                                    args.decoder_heads, args.norm_pix_loss, args.key, args.posemb, args.scan_blocks)
         parts = "encoder + decoder" if "decoder" in conv.params else "encoder only"
         sys.stdout.write(
             f"Wrote {os.path.join(args.out, 'checkpoints', '0')}: {method}, {parts}, {conv.image_size} px, "

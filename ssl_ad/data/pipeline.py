@@ -59,7 +59,12 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
-    """Batches (dicts of float32 arrays) for steps ``start_step .. config.total_steps - 1`` of this host."""
+    """Batches (dicts of float32 arrays) for steps ``start_step .. config.total_steps - 1`` of this host.
+
+    With ``data.augment_device=True`` a batch is ``{'image': uint8 (B, H, W, C)}``, the gathered
+    images unaugmented (same positions, same order): the device makes the crops
+    (:func:`ssl_ad.data.device_augment.batch_augmenter`).
+    """
     global_batch = int(config.batch_size)
     if global_batch % process_count:
         raise UserInputError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
@@ -83,10 +88,17 @@ def train_dataset(
         image = augment.to_float_rgb(tf.gather(images, idx))
         return recipe(image, tf.stack([tf.constant(seed, tf.int64), pos]), aug)
 
+    def gather_step(step):  # data.augment_device: one gather per step, the device makes the crops
+        pos = batch_positions(step, global_batch, local_batch, process_index)
+        return {"image": tf.gather(images, example_indices(pos, num_examples, seed))}
+
     ds = tf.data.Dataset.range(start_step, int(config.total_steps))
-    ds = ds.flat_map(positions_and_indices)
-    ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    if config.data.get("augment_device", False):
+        ds = ds.map(gather_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.flat_map(positions_and_indices)
+        ds = ds.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(local_batch, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = int(config.data.get("threads", 0)) or 0

@@ -23,6 +23,7 @@ from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.config_defaults import fill_legacy_model_keys
 from ssl_ad.errors import UserInputError
 from ssl_ad.methods import build_method, can_reconstruct
+from ssl_ad.models.layouts import to_layout
 from ssl_ad.models.vit import ViT, pool_tokens, vit_from_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,14 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
-    """Restores params and extra state of a training run (latest step unless ``step`` >= 0)."""
+    """Restores params and extra state of a training run (latest step unless ``step`` >= 0).
+
+    The ViT parameters are put into the block layout of the saved config's ``model.scan_blocks``
+    (``ssl_ad.models.layouts.to_layout``), so params stored in the other layout still load.
+
+    Raises:
+      UserInputError: no checkpoint, no such step, or ViT parameters that fit neither layout.
+    """
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise UserInputError(f"no checkpoint in {workdir}: {ckpt_dir} does not exist (train first, or fix the path)")
@@ -70,8 +78,14 @@ def load_checkpoint(workdir: str, step: int = -1) -> LoadedCheckpoint:
     config = fill_legacy_model_keys(ml_collections.ConfigDict(meta["config"]))
     state = ckpt.restore_as_saved(chosen)
     ckpt.close()
+    try:
+        scanned = bool(config.model.get("scan_blocks", False))
+        params, extra = to_layout(state["params"], scanned), to_layout(state.get("extra", {}), scanned)
+    except ValueError as e:
+        raise UserInputError(f"checkpoint {ckpt_dir}/{chosen}: cannot put its ViT blocks into the layout of "
+                             f"model.scan_blocks={scanned}: {e}") from e
     name = os.path.basename(os.path.normpath(workdir))
-    return LoadedCheckpoint(workdir, name, chosen, config, build_method(config), state["params"], state.get("extra", {}))
+    return LoadedCheckpoint(workdir, name, chosen, config, build_method(config), params, extra)
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:

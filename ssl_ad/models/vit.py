@@ -245,19 +245,36 @@ def resize_posemb(posemb: jax.Array, new_grid: int, method: str = "antialiased")
     return emb.reshape(1, new_grid * new_grid, dim)
 
 
+def drop_path_rates(rate: float, depth: int) -> np.ndarray:
+    """(depth,) float64 stochastic-depth rates of the blocks: linear from 0 to ``rate`` (DINO's and
+    MAE's ``torch.linspace(0, drop_path_rate, depth)``). The one rule of both block layouts (the
+    scanned one passes them as float32)."""
+    return np.linspace(0.0, float(rate), int(depth)) if depth else np.zeros((0,))
+
+
 class DropPath(nn.Module):
-    """Stochastic depth: drops a whole residual branch per sample."""
+    """Stochastic depth: drops a whole residual branch per sample.
+
+    ``rate`` (a Python float) may be replaced per call by ``rate=`` (a traced scalar: the scanned
+    blocks' per-layer rate); a static rate of 0 draws no random numbers.
+    """
 
     rate: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, deterministic: bool, rate: jax.Array | float | None = None) -> jax.Array:
+        if rate is None:
+            rate = self.rate
+        if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
             return x
-        keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if isinstance(rate, (int, float)):
+            keep = 1.0 - rate
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+            return x * mask.astype(x.dtype) / keep
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-        return x * mask.astype(x.dtype) / keep
+        return x * mask.astype(x.dtype) / keep.astype(x.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -304,13 +321,54 @@ class Block(nn.Module):
     init_style: str = "xavier_legacy"  # 'dino' | 'mae' | 'xavier_legacy' (see initializers)
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, drop_path_rate: jax.Array | float | None = None
+    ) -> jax.Array:
+        """(B, N, D) -> (B, N, D). ``drop_path_rate`` (optional, may be traced) replaces the field
+        ``drop_path`` for this call: the scanned stack passes each layer's rate this way."""
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
         y = Attention(self.num_heads, dtype=self.dtype, init_style=self.init_style, name="attn")(y)
-        x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic)
+        x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic, drop_path_rate)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
         y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype, init_style=self.init_style, name="mlp")(y)
-        return x + DropPath(self.drop_path, name="drop_path2")(y, deterministic)
+        return x + DropPath(self.drop_path, name="drop_path2")(y, deterministic, drop_path_rate)
+
+
+def scanned_blocks(block: Block, x: jax.Array, depth: int, deterministic: bool, rates: np.ndarray | None,
+                   remat: bool) -> jax.Array:
+    """Applies ``depth`` copies of ``block`` as one ``nn.scan`` loop (compiled once, not unrolled).
+
+    The recipe of big_vision's ``models/vit.py`` (``Encoder`` with ``scan=True``): ``nn.scan`` with
+    ``variable_axes={'params': 0}`` (every parameter of ``block`` gets a leading layer axis: a
+    (D, 3D) qkv kernel is stored (depth, D, 3D)) and ``split_rngs={'params': True, 'dropout': True}``
+    (each layer initialises and drops with its own key), ``nn.remat`` inside the scan when ``remat``.
+
+    Args:
+      block: the Block (its ``drop_path`` field unused) whose parameters are stacked.
+      x: (B, N, D) tokens.
+      depth: number of layers.
+      deterministic: no stochastic depth (evaluation).
+      rates: (depth,) per-layer stochastic-depth rates (:func:`drop_path_rates`), scanned over
+        with the layers; None = no stochastic depth (no dropout key is drawn).
+      remat: rematerialise each layer in the backward pass.
+
+    Returns: (B, N, D) tokens after the last layer.
+    """
+
+    def body(mdl: Block, carry: jax.Array, rate: jax.Array | None):
+        return mdl(carry, deterministic, rate), None
+
+    if remat:
+        body = nn.remat(body, prevent_cse=False)
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=0,
+        length=depth,
+    )
+    x, _ = scan(block, x, None if rates is None else jnp.asarray(rates, jnp.float32))
+    return x
 
 
 class ViT(nn.Module):
@@ -332,6 +390,11 @@ class ViT(nn.Module):
         ('learned' for posemb='learned', 'zero' for posemb='sincos').
       drop_path_rate: stochastic depth, linearly increasing over blocks.
       remat: rematerialise blocks (trades compute for memory on large models).
+      scan_blocks: run the blocks as one ``nn.scan`` loop (:func:`scanned_blocks`, big_vision's
+        ``scan=True``): compile time no longer grows with depth. Parameters are then stacked under
+        ``blocks`` with a leading (depth,) axis instead of ``block0`` .. ``block{depth-1}``
+        (``ssl_ad.models.layouts`` converts between the two); outputs agree to float rounding.
+        Random init draws other numbers than the unrolled layout (scan splits the init key per layer).
       dtype: computation dtype; parameters stay float32.
       use_mask_token: create a learned ``mask_token`` parameter (1, 1, width), zero-initialised as
         iBOT's ``masked_embed`` (bytedance/ibot ``models/vision_transformer.py``) and DINOv2's
@@ -349,6 +412,7 @@ class ViT(nn.Module):
     posemb: str = "learned"
     drop_path_rate: float = 0.0
     remat: bool = False
+    scan_blocks: bool = False
     dtype: Any = jnp.float32
     init_style: str = "reference"
     posemb_interpolation: str = "torch_bicubic"
@@ -404,12 +468,16 @@ class ViT(nn.Module):
                 self.cls_pos_embed = self.param("cls_pos", inits["embed"], (1, 1, self.width))
             else:  # MAE: the fixed zero CLS row of the sine-cosine table
                 self.cls_pos_embed = jnp.zeros((1, 1, self.width), jnp.float32)
-        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
-        self.blocks = [
-            block(self.num_heads, self.mlp_ratio, float(rates[i]), dtype=self.dtype, init_style=style, name=f"block{i}")
-            for i in range(self.depth)
-        ]
+        if self.scan_blocks:  # one Block whose parameters scanned_blocks stacks over the layers
+            self.blocks = Block(self.num_heads, self.mlp_ratio, dtype=self.dtype, init_style=style, name="blocks")
+        else:
+            block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+            rates = drop_path_rates(self.drop_path_rate, self.depth)
+            self.blocks = [
+                block(self.num_heads, self.mlp_ratio, float(rates[i]), dtype=self.dtype, init_style=style,
+                      name=f"block{i}")
+                for i in range(self.depth)
+            ]
         self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
         if self.use_mask_token:
             # Created last: the other parameters draw the same init rngs with or without it.
@@ -457,8 +525,13 @@ class ViT(nn.Module):
         if self.use_cls:
             cls = jnp.broadcast_to(self.cls_token + self.cls_pos_embed, (x.shape[0], 1, self.width)).astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
-        for blk in self.blocks:
-            x = blk(x, not train)
+        if self.scan_blocks:
+            if self.depth:
+                rates = drop_path_rates(self.drop_path_rate, self.depth) if train and self.drop_path_rate else None
+                x = scanned_blocks(self.blocks, x, self.depth, not train, rates, self.remat)
+        else:
+            for blk in self.blocks:
+                x = blk(x, not train)
         return self.norm(x)
 
 

@@ -37,6 +37,7 @@ from ssl_ad import figures, sharding
 from ssl_ad.atomic import atomic_write_text
 from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.config_check import validate_train_config
+from ssl_ad.data.device_augment import jitted_augmenter
 from ssl_ad.data.pipeline import train_batches
 from ssl_ad.data.sources import load_split
 from ssl_ad.errors import DivergenceError, UserInputError
@@ -201,7 +202,13 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
     init_batch = first if first is not None else next(train_batches(config, split, 0))
     # Jitted init builds the state directly replicated on every device (eager init runs op by op).
     init = jax.jit(lambda key, b: create_train_state(method, tx, key, b), out_shardings=sharding.replicated(mesh))
-    state = init(jax.random.key(config.seed), sharding.shard_batch(init_batch, mesh))
+    # --- data.augment_device: the host sends uint8 images, this jitted function makes the step's crops
+    augment = jitted_augmenter(config)  # None when off
+    init_batch = sharding.shard_batch(init_batch, mesh)
+    if augment is not None:
+        init_batch = augment(init_batch, start_step)
+    # --- end data.augment_device
+    state = init(jax.random.key(config.seed), init_batch)
     if latest is not None:
         state = ckpt.restore(latest, state)
         log.info("Resumed from step %d in %s", latest, ckpt.directory)
@@ -242,6 +249,8 @@ def _train(config, workdir, split, method, tx, schedules, mesh, ckpt: Checkpoint
 
     try:
         for batch in _prefetch(device_batches(), 2):
+            if augment is not None:  # data.augment_device: crops from per-sample keys of this step's rng
+                batch = augment(batch, step)
             state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)

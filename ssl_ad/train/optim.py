@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_ad.errors import UserInputError
+from ssl_ad.models.layouts import stacked_by_layer
 from ssl_ad.schedules import Schedule, lr_schedule, wd_schedule
 
 CLIP_MODES = ("reference", "per_tensor", "global")
@@ -46,13 +47,14 @@ def decay_mask(params: Any, exclude: tuple[str, ...] = ()) -> Any:
     scales, the weight-normalised last layer's scale); every other parameter is decayed,
     including the position embedding, the CLS token and MAE's mask token. ``exclude`` also
     exempts every parameter whose path contains one of its strings (ssl_ad's former rule is
-    ``exclude=TOKEN_AND_POSEMB_NAMES``).
+    ``exclude=TOKEN_AND_POSEMB_NAMES``). Parameters of scanned blocks (``model.scan_blocks``) count
+    their dimensions without the leading layer axis, as the unrolled layout's per-block tensors.
     """
     exclude = tuple(exclude)
 
     def keep(path, leaf):
         name = _path_str(path)
-        if name.split("/")[-1] == "bias" or jnp.ndim(leaf) <= 1:
+        if name.split("/")[-1] == "bias" or jnp.ndim(leaf) - int(stacked_by_layer(name)) <= 1:
             return False
         return not any(t in name for t in exclude)
 
@@ -61,7 +63,8 @@ def decay_mask(params: Any, exclude: tuple[str, ...] = ()) -> Any:
 
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     """DINO's ``utils.clip_gradients``: each gradient tensor g with norm ||g||_2 is multiplied by
-    ``max_norm / (||g|| + 1e-6)`` when that factor is below 1, independently of the others."""
+    ``max_norm / (||g|| + 1e-6)`` when that factor is below 1, independently of the others.
+    A scanned block's (depth, ...) gradient is clipped per layer, as the unrolled layout's tensors."""
     max_norm = float(max_norm)
 
     def init_fn(params):
@@ -71,12 +74,13 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
 
-        def clip(g):
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+        def clip(path, g):
+            axes = tuple(range(1, g.ndim)) if stacked_by_layer(_path_str(path)) else None
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=axes is not None))
             coef = max_norm / (norm + PER_TENSOR_EPS)
             return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
 
-        return jax.tree_util.tree_map(clip, updates), state
+        return jax.tree_util.tree_map_with_path(clip, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
