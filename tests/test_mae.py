@@ -3,7 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_ad.methods.mae import masked_mse, num_visible, patch_targets, patchify, random_masking, unpatchify
+from ssl_ad.methods.mae import (
+    inverse_permutation,
+    masked_mse,
+    num_visible,
+    patch_targets,
+    patchify,
+    permute_tokens,
+    random_masking,
+    unpatchify,
+)
 
 
 def numpy_mae_loss(pred, images, mask, patch, norm_pix):
@@ -38,6 +47,35 @@ def test_masking_counts_and_restore(n, ratio):
     noise_order = jnp.argsort(restore, axis=1)  # == ids_shuffle
     shuffled = jnp.take_along_axis(x, noise_order, 1)
     np.testing.assert_array_equal(jnp.take_along_axis(shuffled, restore, 1), x)
+
+
+def test_masking_equals_the_reference_double_argsort_and_gathered_mask():
+    """models_mae.py: ids_restore = argsort(ids_shuffle), mask = gather([0]*n_keep + [1]*rest, ids_restore)."""
+    for seed in range(3):
+        rng = jax.random.key(seed)
+        keep, mask, restore = random_masking(rng, 7, 49, 0.75)
+        ids_shuffle = jnp.argsort(jax.random.uniform(rng, (7, 49)), axis=1)
+        ref_restore = jnp.argsort(ids_shuffle, axis=1)
+        ref_mask = jnp.take_along_axis(jnp.ones((7, 49)).at[:, :12].set(0.0), ref_restore, axis=1)
+        np.testing.assert_array_equal(restore, ref_restore)
+        np.testing.assert_array_equal(mask, ref_mask)
+        np.testing.assert_array_equal(keep, ids_shuffle[:, :12])
+        assert mask.dtype == ref_mask.dtype and restore.dtype == ref_restore.dtype
+
+
+def test_permute_tokens_value_and_gradient_equal_take_along_axis():
+    x = jax.random.normal(jax.random.key(1), (4, 49, 8))
+    perm = jax.vmap(lambda k: jax.random.permutation(k, 49))(jax.random.split(jax.random.key(2), 4))
+    w = jnp.arange(8.0)
+
+    def ref(x):
+        return jnp.sum(jnp.sin(jnp.take_along_axis(x, perm[..., None], axis=1)) * w)
+
+    def ours(x):
+        return jnp.sum(jnp.sin(permute_tokens(x, perm, inverse_permutation(perm))) * w)
+
+    np.testing.assert_array_equal(jax.jit(ref)(x), jax.jit(ours)(x))
+    np.testing.assert_array_equal(jax.jit(jax.grad(ref))(x), jax.jit(jax.grad(ours))(x))
 
 
 def test_masks_differ_across_samples_and_keys():

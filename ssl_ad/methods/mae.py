@@ -38,21 +38,59 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(round(num_patches * (1.0 - mask_ratio))))
 
 
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """(B, N) int permutations of 0..N-1 per row -> their inverses: ``inv[b, perm[b, j]] = j``.
+
+    One scatter instead of the reference's second ``argsort`` (``ids_restore =
+    argsort(ids_shuffle)``): the same integers, without a sort.
+    """
+    rows = jnp.arange(perm.shape[0])[:, None]
+    cols = jnp.broadcast_to(jnp.arange(perm.shape[1], dtype=perm.dtype), perm.shape)
+    return jnp.zeros_like(perm).at[rows, perm].set(cols, unique_indices=True)
+
+
+@jax.custom_vjp
+def permute_tokens(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``out[b, j] = x[b, perm[b, j]]`` for (B, N, D) tokens and (B, N) per-row permutations.
+
+    ``jnp.take_along_axis(x, perm[..., None], axis=1)`` with the gradient taken as a gather by the
+    ``inverse`` permutation instead of a scatter-add into zeros: the same values (every input
+    token receives exactly one output's cotangent), without the zero-filled buffer and the
+    serial scatter of XLA:CPU. ``inverse`` must be :func:`inverse_permutation` of ``perm``.
+    """
+    return jnp.take_along_axis(x, perm[..., None], axis=1)
+
+
+def _permute_tokens_fwd(x, perm, inverse):
+    return permute_tokens(x, perm, inverse), (perm, inverse)
+
+
+def _permute_tokens_bwd(res, g):
+    perm, inverse = res
+    return jnp.take_along_axis(g, inverse[..., None], axis=1), None, None
+
+
+permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
+
+
 def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float):
-    """Per-sample random masking by noise + argsort.
+    """Per-sample random masking by noise + argsort (models_mae.py ``random_masking``).
+
+    The same noise, sort and outputs as the reference; ``ids_restore`` is computed as the inverse
+    permutation of ``ids_shuffle`` (:func:`inverse_permutation`, equal to its argsort) and the
+    mask as ``ids_restore >= n_keep`` (equal to gathering [0]*n_keep + [1]*(N - n_keep) by it).
 
     Returns:
       keep_idx: (B, n_keep) indices of visible patches.
-      mask: (B, N) float, 1 where masked, 0 where visible, in the original order.
+      mask: (B, N) float32, 1 where masked, 0 where visible, in the original order.
       ids_restore: (B, N) positions that unshuffle [visible, masked] back to patch order.
     """
     n_keep = num_visible(num_patches, mask_ratio)
     noise = jax.random.uniform(rng, (batch, num_patches))
     ids_shuffle = jnp.argsort(noise, axis=1)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    ids_restore = inverse_permutation(ids_shuffle)
     keep_idx = ids_shuffle[:, :n_keep]
-    mask = jnp.ones((batch, num_patches)).at[:, :n_keep].set(0.0)
-    mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+    mask = (ids_restore >= n_keep).astype(jnp.float32)
     return keep_idx, mask, ids_restore
 
 
@@ -100,7 +138,7 @@ class MAEDecoder(nn.Module):
         full = jnp.concatenate(
             [vis, jnp.broadcast_to(mask_token, (b, self.num_patches - n_vis, self.width)).astype(vis.dtype)], axis=1
         )
-        full = jnp.take_along_axis(full, ids_restore[..., None], axis=1)
+        full = permute_tokens(full, ids_restore, inverse_permutation(ids_restore))  # the unshuffle
         grid = int(round(self.num_patches**0.5))
         full = full + jnp.asarray(sincos_2d_posemb(grid, self.width))[None].astype(full.dtype)
         if cls is not None:
