@@ -27,7 +27,6 @@ jobs this is the steadier measure of cost), new / old for both, and the time to 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ from absl import app, flags
 from ssl_ad.data.pipeline import train_dataset
 from ssl_ad.data.split import ImageSplit
 from bench_common import cpu_seconds as _cpu_s
+from bench_common import report_json
 from bench_common import synthetic_split as _synthetic
 
 _PRESET = flags.DEFINE_enum("preset", "mnist5k", ["mnist5k", "paper224"], "Configs and image shape.")
@@ -153,10 +153,7 @@ def main(argv):
             f"old {r['cpu_us_per_image_old']:.0f} us, new {r['cpu_us_per_image_new']:.0f} us, "
             f"new/old {r['cpu_ratio_new_over_old']:.3f}"
         )
-    print(json.dumps(out, indent=2))
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(out, f, indent=2)
+    report_json(out, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers the benchmark scripts share (no absl flags here, so any script can import them).
 
 * :func:`cpu_seconds`: CPU time of this process, all threads (user + system);
+* :func:`report_json`: prints a result dict as JSON and writes it to a file;
 * :func:`synthetic_split`: smooth random uint8 images of a data set's shape (no data set loaded);
 * :func:`xla_flops`: the FLOP count of ``compiled.cost_analysis()``;
 * :func:`host_batch_spec` / :func:`batch_spec`: shapes and dtypes of the training pipeline's batches
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -31,6 +33,17 @@ def cpu_seconds() -> float:
     """CPU seconds of this process (all threads): robust to other jobs' load, unlike wall time."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def report_json(result: Any, path: str | None) -> None:
+    """Prints ``result`` as indented JSON and, when ``path`` is given, writes the same text there
+    (creating its folder). Values JSON cannot encode are written with ``str``."""
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def synthetic_split(shape: tuple[int, int, int], n: int) -> ImageSplit:

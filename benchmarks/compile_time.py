@@ -24,7 +24,6 @@ import ast
 import datetime
 import gc
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -39,7 +38,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench_common import batch_spec, cpu_seconds  # noqa: E402
+from bench_common import batch_spec, cpu_seconds, report_json  # noqa: E402
 from ssl_ad import sharding  # noqa: E402
 from ssl_ad.config_check import validate_train_config  # noqa: E402
 from ssl_ad.methods import build_method  # noqa: E402
@@ -186,11 +185,7 @@ def main(argv):
                 results["runs"].append({"config": path, "method": config.method, "dtype": config.model.dtype, **r})
                 print(_row(name, r), flush=True)
     results["loadavg_end"] = _loadavg()
-    text = json.dumps(results, indent=2)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    report_json(results, _OUT.value)
 
 
 if __name__ == "__main__":

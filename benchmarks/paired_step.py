@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench_common import report_json  # noqa: E402
 from ssl_ad import sharding  # noqa: E402
 from ssl_ad.config_check import validate_train_config  # noqa: E402
 from ssl_ad.data.pipeline import train_batches  # noqa: E402
@@ -241,12 +242,7 @@ def main(argv):
     )
     print(f"{config.method}: ssl_ad {med['ssl_ad']:.1f} img/s, torch {med['torch']:.1f} img/s (medians of "
           f"{_REPS.value}), ratio {result['ratio_ssl_ad_over_torch']:.3f}")
-    text = json.dumps(result, indent=2)
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    report_json(result, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import gc
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -46,7 +45,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench_common import batch_spec, cpu_seconds, host_batch_spec, synthetic_split, xla_flops  # noqa: E402
+from bench_common import batch_spec, cpu_seconds, host_batch_spec, report_json, synthetic_split, xla_flops  # noqa: E402
 from ssl_ad.config_check import validate_train_config  # noqa: E402
 from ssl_ad.data import device_augment  # noqa: E402
 from ssl_ad.data.pipeline import train_dataset  # noqa: E402
@@ -259,12 +258,7 @@ def main(argv):
     }
     result["load_average_1_5_15_min_after"] = list(os.getloadavg())
     print(_table(result["rows"]))
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            f.write(text + "\n")
+    report_json(result, _OUT.value)
 
 
 if __name__ == "__main__":

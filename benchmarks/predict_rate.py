@@ -21,7 +21,6 @@ a machine shared with other jobs. The 1-minute load average before and after is 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench_common import cpu_seconds, report_json  # noqa: E402
 from configs import predict as predict_config  # noqa: E402
 from ssl_ad.cli import setup_logging  # noqa: E402
 from ssl_ad.data.sources import load_split  # noqa: E402
@@ -56,11 +56,6 @@ def _write_pngs(images, folder: str, px: int) -> None:
         pil.save(os.path.join(folder, f"{i:05d}.png"))
 
 
-def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def main(argv) -> None:
     del argv
     setup_logging()  # predict.py's logging: each distinct warning once
@@ -77,18 +72,14 @@ def main(argv) -> None:
                "command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0],
                "normal_images": _NORMAL.value, "new_images": _NEW.value, "image_px": _PX.value}
         for run in ("cold", "warm"):
-            t0, c0 = time.perf_counter(), _cpu_seconds()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             summary = run_prediction(config, os.path.join(tmp, "out"))
-            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
             out[run] = {"wall_s": round(wall, 2), "new_images_per_s": round(summary["new_images_per_second"], 1),
                         "embed_s": round(summary["embed_seconds"], 2),
                         "cpu_s_per_new_image": round(cpu / _NEW.value, 5), "anomalous": summary["anomalous"]}
         out["load_after"] = os.getloadavg()[0]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text + "\n")
+    report_json(out, _OUT.value)
 
 
 if __name__ == "__main__":

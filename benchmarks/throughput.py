@@ -31,7 +31,6 @@ the last result only, so dispatch overlaps compute as in the training loop):
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import resource
@@ -48,6 +47,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bench_common import batch_spec  # noqa: E402,F401 (also this module's public helper)
+from bench_common import report_json  # noqa: E402
 from bench_common import xla_flops as _flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (optional with --knn_n).")
@@ -303,11 +303,7 @@ def main(argv):
     if _KNN_N.value:
         result["knn"] = bench_knn(_KNN_N.value, _KNN_DIM.value, _KNN_K.value, _KNN_CHUNK.value)
     result["load_average_1_5_15_min_after"] = list(os.getloadavg())
-    text = json.dumps(result, indent=2, default=str)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    report_json(result, _OUT.value)
 
 
 if __name__ == "__main__":
