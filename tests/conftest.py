@@ -1,5 +1,6 @@
 """Shared fixtures: one prepared mnist5k per test session, short compiles, tiny configs."""
 
+import json
 import os
 import sys
 
@@ -72,3 +73,18 @@ def apply_overrides(c, overrides: dict):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def logged_steps(workdir) -> list[int]:
+    """Steps in ``workdir``/metrics.jsonl so far, read while the run may still be writing it."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    steps = []
+    with open(path) as f:
+        for line in f:
+            try:
+                steps.append(json.loads(line)["step"])
+            except ValueError:  # a line being written
+                pass
+    return steps

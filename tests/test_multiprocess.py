@@ -34,7 +34,7 @@ from ssl_ad.errors import UserInputError
 from ssl_ad.evaluation.runner import run_evaluation
 from ssl_ad.train.loop import train_and_evaluate
 from ssl_ad.train.metrics_log import read_metrics
-from tests.conftest import REPO, tiny_config, tiny_train_argv
+from tests.conftest import REPO, logged_steps, tiny_config, tiny_train_argv
 from tests.hooks import STEP_DELAY_ENV
 
 # 2 processes x 1 CPU device vs 1 process x 1 device, float32: the gradient mean is summed in another
@@ -164,19 +164,6 @@ class Cluster:
         """The workdir files process ``i`` wrote outside checkpoints/ (paths relative to ``folder``)."""
         with open(self.audit_path(i)) as f:
             return [p for p in json.load(f) if os.sep + "checkpoints" + os.sep not in os.sep + p]
-
-
-def logged_steps(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    steps = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    steps.append(json.loads(line)["step"])
-                except ValueError:  # a line being written
-                    pass
-    return steps
 
 
 def committed_steps(workdir):

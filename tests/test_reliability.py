@@ -31,7 +31,7 @@ from ssl_ad.checkpointing import Checkpointer
 from ssl_ad.train.loop import train_and_evaluate
 from tests.hooks import NAN_FROM_STEP_ENV, STEP_DELAY_ENV
 from ssl_ad.train.metrics_log import read_metrics
-from tests.conftest import REPO, tiny_config, tiny_train_argv
+from tests.conftest import REPO, logged_steps, tiny_config, tiny_train_argv
 
 TOTAL = 30
 # The schedules of these tests, on top of conftest's TINY_SIZES.
@@ -79,20 +79,6 @@ def committed_steps(workdir):
     if not os.path.isdir(d):
         return []
     return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.exists(os.path.join(d, n, "commit_success.txt")))
-
-
-def logged_steps(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    steps = []
-    with open(path) as f:
-        for line in f:
-            try:
-                steps.append(json.loads(line)["step"])
-            except ValueError:  # a line being written
-                pass
-    return steps
 
 
 def wait_until(proc, cond, log_path, what, timeout=240):
