@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench_common import batch_spec, cpu_seconds, report_json  # noqa: E402
+from ssl_ad.ablation.grid import apply_overrides  # noqa: E402
 from ssl_ad import sharding  # noqa: E402
 from ssl_ad.config_check import validate_train_config  # noqa: E402
 from ssl_ad.methods import build_method  # noqa: E402
@@ -69,17 +70,14 @@ def load_config(path: str, batch_size: int, dtype: str = "", overrides: tuple[st
     config.batch_size = int(batch_size)
     if dtype:
         config.model.dtype = dtype
+    values = {}
     for item in overrides:
         key, _, text = item.partition("=")
         try:
-            value = ast.literal_eval(text)
+            values[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+            values[key] = text
+    config = apply_overrides(config, values, "--override")
     validate_train_config(config)
     return config
 

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench_common import batch_spec, cpu_seconds, host_batch_spec, report_json, synthetic_split, xla_flops  # noqa: E402
+from ssl_ad.ablation.grid import apply_overrides  # noqa: E402
 from ssl_ad.config_check import validate_train_config  # noqa: E402
 from ssl_ad.data import device_augment  # noqa: E402
 from ssl_ad.data.pipeline import train_dataset  # noqa: E402
@@ -89,12 +90,7 @@ def recipe_config(name: str, batch: int, device: bool = False) -> Any:
     c = importlib.import_module(module).get_config()
     c.batch_size = batch or default_batch
     c.total_steps = 10**6
-    for key, value in {**overrides, "data.augment_device": device}.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c = apply_overrides(c, {**overrides, "data.augment_device": device}, f"recipe {name}")
     validate_train_config(c)
     return c
 
